@@ -1,0 +1,82 @@
+"""
+Counting invalid updates, and telling the log about them without flooding it.
+
+Every update that is not applied for a client's fault (bad JSON, a field out
+of range, a total that would overflow) is counted here by reason. Counts
+only grow, for the life of the process. The log gets at most one warning
+per interval: how many were ignored since the last one, by reason, with one
+example explanation each.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Final
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .update import Reason
+
+DEFAULT_SUMMARY_INTERVAL: Final = 10.0
+
+
+class RejectionCounter(Service):
+    """
+    Counts invalid updates by reason; while running, logs a summary warning
+    every ``interval`` seconds in which there was at least one.
+    """
+
+    name = "rejections"
+    log = Logger()
+
+    def __init__(
+        self, clock: IReactorTime, interval: float = DEFAULT_SUMMARY_INTERVAL
+    ) -> None:
+        self.totals: Counter[Reason] = Counter()
+        self._clock = clock
+        self._interval = interval
+        self._recent: Counter[Reason] = Counter()
+        self._examples: dict[Reason, str] = {}
+        self._summary: LoopingCall | None = None
+
+    def count(self, reason: Reason, detail: str) -> None:
+        """Count one invalid update; ``detail`` says why, for the log."""
+        self.totals[reason] += 1
+        self._recent[reason] += 1
+        if reason not in self._examples:
+            self._examples[reason] = detail[:200]
+
+    def startService(self) -> None:
+        super().startService()
+        self._summary = LoopingCall(self.log_summary)
+        self._summary.clock = self._clock
+        self._summary.start(self._interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._summary is not None and self._summary.running:
+            self._summary.stop()
+        self.log_summary()
+
+    def log_summary(self) -> None:
+        """Log what was counted since the last summary, if anything."""
+        try:
+            if not self._recent:
+                return
+            recent, examples = self._recent, self._examples
+            self._recent, self._examples = Counter(), {}
+            self.log.warn(
+                "Ignored {count} invalid update(s) since the last report: {breakdown}",
+                count=sum(recent.values()),
+                breakdown="; ".join(
+                    f"{reason.value} x{n} (e.g. {examples[reason]})"
+                    for reason, n in sorted(recent.items())
+                ),
+                by_reason={reason.value: n for reason, n in recent.items()},
+            )
+        except Exception:
+            # Never let one bad summary end the periodic job.
+            self.log.failure("Logging the invalid-update summary failed")

@@ -1,0 +1,200 @@
+"""
+The ``twistd steptrack`` command line: its options, and the service they
+describe.
+
+Everything here runs inside twistd; the plugin in ``twisted/plugins`` only
+names this module, so that listing twistd's plugins imports none of
+Autobahn or Klein.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from . import __version__
+from .server import ProtocolLimits, SteptrackService
+from .store import DEFAULT_DEDUPE_RETENTION, check_store_url, open_store
+
+DEFAULT_WS_LISTEN = r"tcp6:8081:interface=\:\:"
+DEFAULT_REST_LISTEN = r"tcp6:8080:interface=\:\:"
+DEFAULT_STORE = "memory:"
+
+_DEFAULTS = ProtocolLimits()
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def _coercer(convert: Callable[[str], Any], doc: str) -> Callable[[str], Any]:
+    convert.coerceDoc = doc  # type: ignore[attr-defined]
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _duration(text: str) -> float:
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 30, 30s, 15m, 12h or 7d")
+    number, unit = match.groups()
+    return float(number) * _UNITS[unit]
+
+
+def _seconds(seconds: float) -> str:
+    """Show a default duration the way a user would type it."""
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+POSITIVE_INT = _coercer(_positive_int, "A positive whole number.")
+DURATION = _coercer(_duration, "Seconds, or a number with s, m, h or d (e.g. 30s, 7d).")
+
+
+class Options(usage.Options):
+    """Options of ``twistd steptrack``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs steptrack: devices send step updates over WebSocket, apps "
+        "read each user's total over REST. Listen options take Twisted "
+        "endpoint descriptions (tcp:, tcp6:, ssl:, unix:, systemd:); "
+        "the defaults listen on all IPv4 and IPv6 addresses."
+    )
+
+    optParameters = [
+        [
+            "ws-listen",
+            None,
+            DEFAULT_WS_LISTEN,
+            "Endpoint for WebSocket updates.",
+        ],
+        [
+            "rest-listen",
+            None,
+            DEFAULT_REST_LISTEN,
+            "Endpoint for the REST API.",
+        ],
+        [
+            "store",
+            None,
+            DEFAULT_STORE,
+            "Where totals are kept: memory: (lost when the process exits).",
+        ],
+        [
+            "max-message-size",
+            None,
+            _DEFAULTS.max_message_size,
+            "Largest WebSocket message in bytes; larger ones close the "
+            "connection with 1009.",
+            POSITIVE_INT,
+        ],
+        [
+            "max-new-steps",
+            None,
+            _DEFAULTS.max_new_steps,
+            "Largest newSteps one update may carry.",
+            POSITIVE_INT,
+        ],
+        [
+            "dedupe-retention",
+            None,
+            _seconds(DEFAULT_DEDUPE_RETENTION),
+            "How long an applied update_id is remembered, so that a resend "
+            "is not counted twice.",
+            DURATION,
+        ],
+        [
+            "handshake-timeout",
+            None,
+            _seconds(_DEFAULTS.handshake_timeout),
+            "Time a client has to finish the WebSocket opening handshake.",
+            DURATION,
+        ],
+        [
+            "ping-interval",
+            None,
+            _seconds(_DEFAULTS.ping_interval),
+            "Time between keepalive pings on idle connections; 0 turns them off.",
+            DURATION,
+        ],
+        [
+            "ping-timeout",
+            None,
+            _seconds(_DEFAULTS.ping_timeout),
+            "Time a client has to answer a ping before it is dropped.",
+            DURATION,
+        ],
+    ]
+
+    def opt_version(self) -> None:
+        """Show the steptrack version and exit."""
+        print(f"steptrack {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        # Options given on the command line arrive as strings; defaults
+        # written as "7d" need the same conversion.
+        for name in (
+            "dedupe-retention",
+            "handshake-timeout",
+            "ping-interval",
+            "ping-timeout",
+        ):
+            if isinstance(self[name], str):
+                self[name] = _duration(self[name])
+        if self["dedupe-retention"] <= 0:
+            raise usage.UsageError("--dedupe-retention must be more than 0")
+        if self["handshake-timeout"] <= 0:
+            raise usage.UsageError("--handshake-timeout must be more than 0")
+        if self["ping-interval"] > 0 and self["ping-timeout"] <= 0:
+            raise usage.UsageError(
+                "--ping-timeout must be more than 0 while pings are on"
+            )
+        for option in ("ws-listen", "rest-listen"):
+            try:
+                # Parsing needs no reactor; the real one is used later.
+                serverFromString(None, self[option])
+            except Exception as e:
+                raise usage.UsageError(
+                    f"--{option}: {self[option]!r} is not a usable endpoint "
+                    f"description: {e}"
+                ) from None
+        try:
+            check_store_url(self["store"])
+        except ValueError as e:
+            raise usage.UsageError(f"--store: {e}") from None
+
+    def limits(self) -> ProtocolLimits:
+        return ProtocolLimits(
+            max_message_size=self["max-message-size"],
+            max_new_steps=self["max-new-steps"],
+            handshake_timeout=self["handshake-timeout"],
+            ping_interval=self["ping-interval"],
+            ping_timeout=self["ping-timeout"],
+        )
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    store = open_store(options["store"], reactor, options["dedupe-retention"])
+    return SteptrackService(
+        reactor,
+        serverFromString(reactor, options["ws-listen"]),
+        serverFromString(reactor, options["rest-listen"]),
+        store,
+        options.limits(),
+        exit_if_cannot_listen=True,
+    )

@@ -1,0 +1,157 @@
+"""
+What a step update is, and the decoder that decides whether one is valid.
+
+This module knows the wire format and the validation rules of an update and
+nothing else: it does not know where totals are kept (that is ``store``) or
+how updates arrive (that is ``websocket``). One call to
+:meth:`UpdateDecoder.decode` parses and validates a payload in a single pass;
+the schema is expressed as msgspec types so that most rules are checked while
+parsing, and only what msgspec cannot express is checked afterwards.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Final
+
+import msgspec
+
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+"""The largest integer that every JSON client reads exactly."""
+
+MAX_USERNAME_LENGTH: Final = 256
+MAX_UPDATE_ID_LENGTH: Final = 128
+DEFAULT_MAX_NEW_STEPS: Final = 1_000_000
+
+
+class Reason(str, enum.Enum):
+    """
+    Why an update was not applied. The values are stable, machine-readable
+    names: they appear in logs and counters, and clients may rely on them.
+    """
+
+    NOT_JSON = "not_json"
+    NOT_AN_OBJECT = "not_an_object"
+    BAD_USERNAME = "bad_username"
+    BAD_TS = "bad_ts"
+    BAD_NEW_STEPS = "bad_new_steps"
+    BAD_UPDATE_ID = "bad_update_id"
+    TOTAL_OVERFLOW = "total_overflow"
+
+
+class InvalidUpdate(Exception):
+    """
+    A payload that is not a valid update.
+
+    ``reason`` says which rule it broke; ``detail`` is a short human-readable
+    explanation for the log (never a copy of the payload).
+    """
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class Update(msgspec.Struct, frozen=True, gc=False):
+    """
+    A valid update, as the stores receive it.
+
+    ``new_steps`` is always an ``int``; ``ts`` is an ``int`` or a ``float``
+    exactly as the client sent it, so that an integer comes back as an
+    integer. ``update_id`` is ``None`` when the client sent none.
+    """
+
+    username: str
+    ts: int | float
+    new_steps: int
+    update_id: str | None = None
+
+
+# The wire schema. The fixed rules of the contract live in these types so
+# that msgspec checks them while it parses; the configurable maximum of
+# newSteps and "integral value" are checked after decoding.
+_Username = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_USERNAME_LENGTH,
+        pattern="^[^\x00-\x1f\x7f]+$",
+    ),
+]
+_Ts = (
+    Annotated[int, msgspec.Meta(ge=0, le=MAX_SAFE_INTEGER)]
+    | Annotated[float, msgspec.Meta(ge=0, le=MAX_SAFE_INTEGER)]
+)
+_NewSteps = Annotated[int, msgspec.Meta(ge=0)] | Annotated[float, msgspec.Meta(ge=0)]
+_UpdateId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_UPDATE_ID_LENGTH)]
+
+
+class _WireUpdate(msgspec.Struct, rename={"new_steps": "newSteps"}, gc=False):
+    username: _Username
+    ts: _Ts
+    new_steps: _NewSteps
+    # UNSET, not None, so that an explicit ``"update_id": null`` is invalid.
+    update_id: _UpdateId | msgspec.UnsetType = msgspec.UNSET
+
+
+_FIELD_REASONS: Final = {
+    "username": Reason.BAD_USERNAME,
+    "ts": Reason.BAD_TS,
+    "newSteps": Reason.BAD_NEW_STEPS,
+    "update_id": Reason.BAD_UPDATE_ID,
+}
+_FIELD_IN_ERROR = re.compile(r"`\$\.(\w+)`|required field `(\w+)`")
+
+
+def _reason_for(error: msgspec.ValidationError) -> Reason:
+    """
+    Name the rule that a msgspec validation error is about.
+
+    msgspec reports the offending field as a path (``at `$.ts```) or, for a
+    missing field, by name. An error with no field is about the top level,
+    which can only fail by not being an object.
+    """
+    match = _FIELD_IN_ERROR.search(str(error))
+    if match is None:
+        return Reason.NOT_AN_OBJECT
+    return _FIELD_REASONS[match.group(1) or match.group(2)]
+
+
+class UpdateDecoder:
+    """
+    Turns one payload (UTF-8 JSON bytes) into an :class:`Update`, or raises
+    :class:`InvalidUpdate` saying why it cannot.
+    """
+
+    def __init__(self, max_new_steps: int = DEFAULT_MAX_NEW_STEPS) -> None:
+        self.max_new_steps = max_new_steps
+        self._decode = msgspec.json.Decoder(_WireUpdate).decode
+
+    def decode(self, payload: bytes) -> Update:
+        try:
+            wire = self._decode(payload)
+        except msgspec.ValidationError as e:
+            raise InvalidUpdate(_reason_for(e), str(e)) from None
+        except msgspec.DecodeError as e:
+            raise InvalidUpdate(Reason.NOT_JSON, str(e)) from None
+        new_steps = wire.new_steps
+        if isinstance(new_steps, float):
+            if not new_steps.is_integer():
+                raise InvalidUpdate(
+                    Reason.BAD_NEW_STEPS, "newSteps is not a whole number"
+                )
+            new_steps = int(new_steps)
+        if new_steps > self.max_new_steps:
+            raise InvalidUpdate(
+                Reason.BAD_NEW_STEPS,
+                f"newSteps is over the maximum of {self.max_new_steps}",
+            )
+        update_id = wire.update_id
+        return Update(
+            wire.username,
+            wire.ts,
+            new_steps,
+            None if update_id is msgspec.UNSET else update_id,
+        )
