@@ -98,7 +98,10 @@ class StepUpdateProtocol(WebSocketServerProtocol):
     def close_going_away(self) -> None:
         """Start closing because the server is going away."""
         if self.state == self.STATE_OPEN:
-            self.sendClose(CLOSE_GOING_AWAY, "server going away")
+            # sendClose() accepts only the codes an application may choose;
+            # 1001 is the protocol-level "going away" that RFC 6455 gives
+            # to servers that shut down.
+            self.sendCloseFrame(CLOSE_GOING_AWAY, b"server going away")
         elif self.state != self.STATE_CLOSED:
             # Still in the opening handshake, or already closing.
             self.dropConnection(abort=True)

@@ -1,0 +1,1 @@
+"""The steptrack test suite."""

@@ -1,0 +1,129 @@
+"""
+Both APIs over real sockets on ephemeral ports, started through the
+programmatic API, with a real WebSocket client and a real HTTP client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.task import deferLater
+
+from steptrackd.server import ProtocolLimits, RunningServer, start_server
+from steptrackd.store import MemoryStore
+
+from .clients import Closed, http, open_ws
+
+reactor: Any = global_reactor
+
+
+async def _start(
+    limits: ProtocolLimits = ProtocolLimits(), **ports: int
+) -> RunningServer:
+    return await start_server(
+        reactor,
+        TCP6ServerEndpoint(reactor, ports.get("ws", 0), interface="::"),
+        TCP6ServerEndpoint(reactor, ports.get("rest", 0), interface="::"),
+        MemoryStore(reactor),
+        limits,
+    )
+
+
+@pytest_twisted.async_yield_fixture
+async def server() -> AsyncIterator[RunningServer]:
+    running = await _start()
+    yield running
+    await running.close()
+
+
+def _ports(server: RunningServer) -> tuple[int, int]:
+    return server.ws_address.port, server.rest_address.port
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_update_then_read_over_ipv4_and_ipv6(
+    server: RunningServer, host: str
+) -> None:
+    """An update sent over WebSocket is read back over REST, on IPv4 and IPv6."""
+    ws_port, rest_port = _ports(server)
+    client = await open_ws(reactor, host, ws_port)
+    client.send_update({"username": "luisa", "ts": 1666960429981, "newSteps": 108})
+    await client.barrier()
+    result = await http("GET", host, rest_port, "/users/luisa/steps")
+    assert (result.status, result.json()) == (
+        200,
+        {"cumulativeSteps": 108, "ts": 1666960429981},
+    )
+    assert result.header("content-type") == "application/json"
+    assert result.header("cache-control") == "no-store"
+    client.sendClose(1000)
+    assert (await client.closed).code == 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_says_going_away_and_frees_ports() -> None:
+    """close() closes live WebSockets with 1001, then the same ports bind again at once."""
+    running = await _start()
+    ws_port, rest_port = _ports(running)
+    client = await open_ws(reactor, "127.0.0.1", ws_port)
+    await running.close()
+    closed: Closed = await client.closed
+    assert closed.code == 1001
+    again = await _start(ws=ws_port, rest=rest_port)
+    try:
+        assert _ports(again) == (ws_port, rest_port)
+    finally:
+        await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_ends_idle_http_keepalive_connections() -> None:
+    """close() also ends HTTP keep-alive connections, so nothing is left open."""
+    from twisted.internet.protocol import Protocol
+
+    running = await _start()
+    _, rest_port = _ports(running)
+
+    class Raw(Protocol):
+        def __init__(self) -> None:
+            self.lost: Deferred[None] = Deferred()
+            self.data = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data += data
+
+        def connectionLost(self, reason: Any = None) -> None:
+            self.lost.callback(None)
+
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    raw = Raw()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", rest_port), raw)
+    assert raw.transport is not None
+    raw.transport.write(b"GET /users/x/steps HTTP/1.1\r\nHost: x\r\n\r\n")
+    while b"User doesn't exist" not in raw.data:
+        await deferLater(reactor, 0.01, lambda: None)
+    await running.close()
+    await raw.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_fails_cleanly_when_a_port_is_taken(server: RunningServer) -> None:
+    """start_server fails with the bind error, and leaves nothing listening."""
+    from twisted.internet.error import CannotListenError
+
+    ws_port, _ = _ports(server)
+    with pytest.raises(CannotListenError):
+        await start_server(
+            reactor,
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            TCP6ServerEndpoint(reactor, ws_port, interface="::"),
+            MemoryStore(reactor),
+        )
