@@ -30,20 +30,18 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
 
-def _coercer(convert: Callable[[str], Any], doc: str) -> Callable[[str], Any]:
-    convert.coerceDoc = doc  # type: ignore[attr-defined]
-    return convert
-
-
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise ValueError(f"{text!r} is not a positive whole number")
     return value
 
 
 def _duration(text: str) -> float:
-    match = _DURATION.match(text)
+    match = _DURATION.match(str(text))
     if match is None:
         raise ValueError(f"{text!r} is not a duration such as 30, 30s, 15m, 12h or 7d")
     number, unit = match.groups()
@@ -58,8 +56,15 @@ def _seconds(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-POSITIVE_INT = _coercer(_positive_int, "A positive whole number.")
-DURATION = _coercer(_duration, "Seconds, or a number with s, m, h or d (e.g. 30s, 7d).")
+_DURATION_HELP = " Seconds, or a number with s, m, h or d."
+_CONVERSIONS: dict[str, Callable[[str], Any]] = {
+    "max-message-size": _positive_int,
+    "max-new-steps": _positive_int,
+    "dedupe-retention": _duration,
+    "handshake-timeout": _duration,
+    "ping-interval": _duration,
+    "ping-timeout": _duration,
+}
 
 
 class Options(usage.Options):
@@ -98,43 +103,39 @@ class Options(usage.Options):
             _DEFAULTS.max_message_size,
             "Largest WebSocket message in bytes; larger ones close the "
             "connection with 1009.",
-            POSITIVE_INT,
         ],
         [
             "max-new-steps",
             None,
             _DEFAULTS.max_new_steps,
             "Largest newSteps one update may carry.",
-            POSITIVE_INT,
         ],
         [
             "dedupe-retention",
             None,
             _seconds(DEFAULT_DEDUPE_RETENTION),
             "How long an applied update_id is remembered, so that a resend "
-            "is not counted twice.",
-            DURATION,
+            "is not counted twice." + _DURATION_HELP,
         ],
         [
             "handshake-timeout",
             None,
             _seconds(_DEFAULTS.handshake_timeout),
-            "Time a client has to finish the WebSocket opening handshake.",
-            DURATION,
+            "Time a client has to finish the WebSocket opening handshake."
+            + _DURATION_HELP,
         ],
         [
             "ping-interval",
             None,
             _seconds(_DEFAULTS.ping_interval),
-            "Time between keepalive pings on idle connections; 0 turns them off.",
-            DURATION,
+            "Time between keepalive pings on idle connections; 0 turns them "
+            "off." + _DURATION_HELP,
         ],
         [
             "ping-timeout",
             None,
             _seconds(_DEFAULTS.ping_timeout),
-            "Time a client has to answer a ping before it is dropped.",
-            DURATION,
+            "Time a client has to answer a ping before it is dropped." + _DURATION_HELP,
         ],
     ]
 
@@ -144,16 +145,14 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        # Options given on the command line arrive as strings; defaults
-        # written as "7d" need the same conversion.
-        for name in (
-            "dedupe-retention",
-            "handshake-timeout",
-            "ping-interval",
-            "ping-timeout",
-        ):
-            if isinstance(self[name], str):
-                self[name] = _duration(self[name])
+        # Values arrive as strings from the command line and as the
+        # defaults above; both are converted here, so that an error can name
+        # its option.
+        for name, convert in _CONVERSIONS.items():
+            try:
+                self[name] = convert(str(self[name]))
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}: {e}") from None
         if self["dedupe-retention"] <= 0:
             raise usage.UsageError("--dedupe-retention must be more than 0")
         if self["handshake-timeout"] <= 0:

@@ -183,7 +183,7 @@ async def wait_for_total(
         result = await http("GET", host, port, path, reactor=reactor)
         seen = result.json() if result.status == 200 else None
         if seen == expected:
-            return seen
+            return expected
         if reactor.seconds() > deadline:
             raise AssertionError(
                 f"{username!r}: expected {expected}, last saw "

@@ -23,15 +23,13 @@ from .clients import Closed, http, open_ws
 reactor: Any = global_reactor
 
 
-async def _start(
-    limits: ProtocolLimits = ProtocolLimits(), **ports: int
-) -> RunningServer:
+async def _start(limits: ProtocolLimits | None = None, **ports: int) -> RunningServer:
     return await start_server(
         reactor,
         TCP6ServerEndpoint(reactor, ports.get("ws", 0), interface="::"),
         TCP6ServerEndpoint(reactor, ports.get("rest", 0), interface="::"),
         MemoryStore(reactor),
-        limits,
+        limits or ProtocolLimits(),
     )
 
 
@@ -69,7 +67,7 @@ async def test_update_then_read_over_ipv4_and_ipv6(
 
 @pytest_twisted.ensureDeferred
 async def test_close_says_going_away_and_frees_ports() -> None:
-    """close() closes live WebSockets with 1001, then the same ports bind again at once."""
+    """close() sends 1001 to live WebSockets; the same ports then bind at once."""
     running = await _start()
     ws_port, rest_port = _ports(running)
     client = await open_ws(reactor, "127.0.0.1", ws_port)

@@ -1,0 +1,340 @@
+"""
+The WebSocket adapter in memory: Autobahn's real server protocol over a
+``StringTransport``, fed frames built here byte by byte, with no reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from steptrackd.rejections import RejectionCounter
+from steptrackd.store import MemoryStore, Total
+from steptrackd.update import MAX_SAFE_INTEGER, Reason
+from steptrackd.websocket import StepUpdateFactory, StepUpdateProtocol
+
+from .test_store import result_of
+
+TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
+
+
+def frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
+    """One client frame, masked as RFC 6455 requires of clients."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", (0x80 if fin else 0) | opcode, 0x80 | length)
+    elif length < 2**16:
+        header = struct.pack("!BBH", (0x80 if fin else 0) | opcode, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", (0x80 if fin else 0) | opcode, 0x80 | 127, length)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return header + mask + masked
+
+
+def update(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Split what the server wrote into (opcode, payload) frames."""
+    frames = []
+    while data:
+        opcode = data[0] & 0x0F
+        length = data[1] & 0x7F
+        offset = 2
+        if length == 126:
+            (length,) = struct.unpack("!H", data[2:4])
+            offset = 4
+        elif length == 127:
+            (length,) = struct.unpack("!Q", data[2:10])
+            offset = 10
+        frames.append((opcode, data[offset : offset + length]))
+        data = data[offset + length :]
+    return frames
+
+
+def close_code(data: bytes) -> int | None:
+    for opcode, payload in server_frames(data):
+        if opcode == CLOSE:
+            code: int = struct.unpack("!H", payload[:2])[0]
+            return code
+    return None
+
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\n"
+    b"Host: localhost:8081\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+)
+
+
+class _Transport(StringTransport):
+    """A StringTransport that, like a real one, lets go of no producer."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class Device:
+    """One device connected to the adapter over an in-memory transport."""
+
+    def __init__(self, factory: StepUpdateFactory, extra_headers: bytes = b"") -> None:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert isinstance(protocol, StepUpdateProtocol)
+        self.protocol: StepUpdateProtocol = protocol
+        self.transport: _Transport = _Transport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8081),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        )
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(HANDSHAKE + extra_headers + b"\r\n")
+        self.handshake_response: bytes = self.transport.value()
+        self.transport.clear()
+
+    def send(self, *frames: bytes) -> bytes:
+        """Deliver frames in one read; return what the server wrote back."""
+        self.protocol.dataReceived(b"".join(frames))
+        written: bytes = self.transport.value()
+        self.transport.clear()
+        return written
+
+
+class Adapter:
+    def __init__(self, **options: Any) -> None:
+        self.clock = Clock()
+        self.store = MemoryStore(self.clock)
+        self.store.startService()
+        self.rejections = RejectionCounter(self.clock)
+        # Timeouts off: they would need a running reactor.
+        options = {
+            "handshake_timeout": 0,
+            "ping_interval": 0,
+            "close_timeout": 0,
+            **options,
+        }
+        self.factory = StepUpdateFactory(
+            self.store, self.rejections, reactor=self.clock, **options
+        )
+
+    def device(self, extra_headers: bytes = b"") -> Device:
+        return Device(self.factory, extra_headers)
+
+    def total(self, username: str) -> Total | None:
+        return result_of(self.store.total(username))
+
+
+@pytest.fixture
+def adapter() -> Iterator[Adapter]:
+    adapter = Adapter()
+    yield adapter
+    result_of(adapter.store.close())
+
+
+def test_handshake_offers_nothing_extra(adapter: Adapter) -> None:
+    """Protocol v1: no subprotocol chosen and no permessage-deflate, even when asked."""
+    device = adapter.device(
+        b"Sec-WebSocket-Protocol: chat, steptrack.v9\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    )
+    response = device.handshake_response.lower()
+    assert response.startswith(b"http/1.1 101 switching protocols")
+    assert b"sec-websocket-protocol" not in response
+    assert b"sec-websocket-extensions" not in response
+
+
+def test_text_and_binary_messages_both_carry_updates(adapter: Adapter) -> None:
+    """A text and a binary message each apply their update; nothing is sent back."""
+    device = adapter.device()
+    written = device.send(
+        frame(update(username="a", ts=1, newSteps=10), TEXT),
+        frame(update(username="a", ts=2, newSteps=5), BINARY),
+    )
+    assert written == b""
+    assert adapter.total("a") == Total(15, 2)
+
+
+def test_updates_apply_in_the_order_sent(adapter: Adapter) -> None:
+    """Two updates with one update_id: the first sent is the one counted."""
+    device = adapter.device()
+    device.send(
+        frame(update(username="a", ts=1, newSteps=10, update_id="x")),
+        frame(update(username="a", ts=2, newSteps=99, update_id="x")),
+    )
+    assert adapter.total("a") == Total(10, 1)
+
+
+def test_invalid_update_is_counted_and_the_connection_lives(adapter: Adapter) -> None:
+    """An invalid update is ignored and counted by reason; later updates still apply."""
+    device = adapter.device()
+    written = device.send(
+        frame(b"{not json"),
+        frame(update(username="a", ts=True, newSteps=1)),
+        frame(b"[1, 2, 3]", BINARY),
+        frame(update(username="a", ts=1, newSteps=7)),
+    )
+    assert written == b""
+    assert device.protocol.state == device.protocol.STATE_OPEN
+    assert adapter.total("a") == Total(7, 1)
+    assert adapter.rejections.totals == {
+        Reason.NOT_JSON: 1,
+        Reason.BAD_TS: 1,
+        Reason.NOT_AN_OBJECT: 1,
+    }
+
+
+def test_overflowing_total_is_counted(adapter: Adapter) -> None:
+    """An update that would pass 2^53 - 1 is counted as total_overflow."""
+    device = adapter.device()
+    device.send(
+        *(frame(update(username="a", ts=1, newSteps=1_000_000)) for _ in range(3))
+    )
+    result_of(adapter.store.apply([]))
+    adapter.store._totals["a"][0] = MAX_SAFE_INTEGER - 5
+    device.send(frame(update(username="a", ts=1, newSteps=6)))
+    assert adapter.rejections.totals == {Reason.TOTAL_OVERFLOW: 1}
+    assert adapter.total("a") == Total(MAX_SAFE_INTEGER - 5, 1)
+
+
+def test_binary_message_with_invalid_utf8_is_an_invalid_update(
+    adapter: Adapter,
+) -> None:
+    """Bad UTF-8 in a binary message is bad JSON, not a protocol error."""
+    device = adapter.device()
+    written = device.send(frame(b'{"username": "\xff"}', BINARY))
+    assert written == b""
+    assert adapter.rejections.totals == {Reason.NOT_JSON: 1}
+
+
+def test_text_message_with_invalid_utf8_closes_with_1007(adapter: Adapter) -> None:
+    """RFC 6455: invalid UTF-8 in a text message fails the connection with 1007."""
+    device = adapter.device()
+    written = device.send(frame(b'{"username": "\xff"}', TEXT))
+    assert close_code(written) == 1007
+
+
+def test_message_over_the_limit_closes_with_1009() -> None:
+    """A message over the maximum size closes the connection with 1009."""
+    adapter = Adapter(max_message_size=100)
+    device = adapter.device()
+    written = device.send(frame(b" " * 101))
+    assert close_code(written) == 1009
+
+
+def test_message_over_the_limit_in_fragments_closes_with_1009() -> None:
+    """The limit holds for the whole message, not only for each frame."""
+    adapter = Adapter(max_message_size=100)
+    device = adapter.device()
+    written = device.send(
+        frame(b" " * 60, TEXT, fin=False), frame(b" " * 60, CONTINUATION)
+    )
+    assert close_code(written) == 1009
+
+
+def test_fragmented_message_is_one_update(adapter: Adapter) -> None:
+    """A message in several frames, with a ping between them, is one update."""
+    payload = update(username="a", ts=3, newSteps=4)
+    device = adapter.device()
+    written = device.send(
+        frame(payload[:5], TEXT, fin=False),
+        frame(b"hi", PING),
+        frame(payload[5:], CONTINUATION),
+    )
+    assert server_frames(written) == [(PONG, b"hi")]
+    assert adapter.total("a") == Total(4, 3)
+
+
+def test_going_away_sends_1001(adapter: Adapter) -> None:
+    """Shutting down closes an open connection with 1001."""
+    device = adapter.device()
+    device.protocol.close_going_away()
+    assert close_code(device.transport.value()) == 1001
+
+
+def test_connection_is_forgotten_once_lost(adapter: Adapter) -> None:
+    """The factory tracks live connections only, for shutdown."""
+    device = adapter.device()
+    assert adapter.factory.connections == {device.protocol}
+    device.protocol.connectionLost()
+    assert adapter.factory.connections == set()
+    assert device.protocol.closed.called
+
+
+_payloads = st.one_of(
+    st.tuples(
+        st.sampled_from(["a", "b"]),
+        st.one_of(st.none(), st.sampled_from(["1", "2", "3"])),
+        st.integers(0, 100),
+        st.integers(0, 100),
+    ),
+    st.sampled_from(
+        [
+            b"{",
+            b"[]",
+            update(username="", ts=1, newSteps=1),
+            update(username="a", ts=-1, newSteps=1),
+            update(username="a", ts=1, newSteps=1.5),
+            update(username="a", ts=1, newSteps=1, update_id=""),
+        ]
+    ),
+)
+
+
+@settings(max_examples=150)
+@given(
+    messages=st.lists(_payloads, max_size=30),
+    binary=st.lists(st.booleans(), min_size=30, max_size=30),
+    cuts=st.lists(st.integers(1, 200), max_size=10),
+)
+def test_any_stream_gives_exact_totals(
+    messages: list[Any], binary: list[bool], cuts: list[int]
+) -> None:
+    """Any valid, invalid and repeated updates, cut anywhere: exact totals."""
+    adapter = Adapter()
+    device = adapter.device()
+    stream = b""
+    expected: dict[str, list[int]] = {}
+    seen: set[tuple[str, str]] = set()
+    invalid = 0
+    for message, is_binary in zip(messages, binary, strict=False):
+        if isinstance(message, bytes):
+            stream += frame(message, BINARY if is_binary else TEXT)
+            invalid += 1
+            continue
+        username, update_id, ts, new_steps = message
+        fields: dict[str, Any] = {"username": username, "ts": ts, "newSteps": new_steps}
+        if update_id is not None:
+            fields["update_id"] = update_id
+        stream += frame(update(**fields), BINARY if is_binary else TEXT)
+        if update_id is not None:
+            if (username, update_id) in seen:
+                continue
+            seen.add((username, update_id))
+        entry = expected.setdefault(username, [0, ts])
+        entry[0] += new_steps
+        entry[1] = max(entry[1], ts)
+    position = 0
+    for cut in cuts:
+        written = device.send(stream[position : position + cut])
+        assert close_code(written) is None
+        position += cut
+    device.send(stream[position:])
+    for username in ["a", "b"]:
+        if username in expected:
+            assert adapter.total(username) == Total(*expected[username])
+        else:
+            assert adapter.total(username) is None
+    assert sum(adapter.rejections.totals.values()) == invalid
