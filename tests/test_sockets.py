@@ -12,7 +12,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    connectProtocol,
+)
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
 from steptrackd.server import ProtocolLimits, RunningServer, start_server
@@ -84,8 +90,6 @@ async def test_close_says_going_away_and_frees_ports() -> None:
 @pytest_twisted.ensureDeferred
 async def test_close_ends_idle_http_keepalive_connections() -> None:
     """close() also ends HTTP keep-alive connections, so nothing is left open."""
-    from twisted.internet.protocol import Protocol
-
     running = await _start()
     _, rest_port = _ports(running)
 
@@ -99,8 +103,6 @@ async def test_close_ends_idle_http_keepalive_connections() -> None:
 
         def connectionLost(self, reason: Any = None) -> None:
             self.lost.callback(None)
-
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
     raw = Raw()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", rest_port), raw)
@@ -125,3 +127,112 @@ async def test_start_fails_cleanly_when_a_port_is_taken(server: RunningServer) -
             TCP6ServerEndpoint(reactor, ws_port, interface="::"),
             MemoryStore(reactor),
         )
+
+
+class _RawClient(Protocol):
+    """A TCP client that records what it receives and when it is cut off."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+async def _raw_connect(port: int) -> _RawClient:
+    raw = _RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), raw)
+    return raw
+
+
+_HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_client_is_dropped_after_the_handshake_timeout() -> None:
+    """A client that never finishes the opening handshake is disconnected."""
+    running = await _start(ProtocolLimits(handshake_timeout=0.2))
+    try:
+        raw = await _raw_connect(running.ws_address.port)
+        raw.transport.write(b"GET / HTTP/1.1\r\n")  # type: ignore[union-attr]
+        await raw.lost
+        assert b"101" not in raw.data
+    finally:
+        await running.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_that_never_answers_pings_is_dropped() -> None:
+    """Keepalive: a peer that does not answer a ping in time is disconnected."""
+    running = await _start(ProtocolLimits(ping_interval=0.1, ping_timeout=0.2))
+    try:
+        raw = await _raw_connect(running.ws_address.port)
+        raw.transport.write(_HANDSHAKE)  # type: ignore[union-attr]
+        await raw.lost
+        assert raw.data.startswith(b"HTTP/1.1 101")
+        # The server pinged (opcode 0x9) before giving up.
+        assert b"\x89" in raw.data.split(b"\r\n\r\n", 1)[1]
+    finally:
+        await running.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_peer_survives_pings() -> None:
+    """A client that answers pings keeps its connection through several pings."""
+    # Autobahn's timers round delays down to whole seconds, so a 0.05 s
+    # interval pings at once, and a 2 s timeout leaves at least 1 s.
+    running = await _start(ProtocolLimits(ping_interval=0.05, ping_timeout=2))
+    try:
+        client = await open_ws(reactor, "127.0.0.1", running.ws_address.port)
+        [connection] = running.service.ws_factory.connections
+        deadline = reactor.seconds() + 10
+        while connection.autoPingPendingSeq < 3 and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.01, lambda: None)
+        assert connection.autoPingPendingSeq >= 3
+        client.send_update({"username": "alive", "ts": 1, "newSteps": 2})
+        await client.barrier()
+        assert not client.closed.called
+    finally:
+        await running.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_message_closes_only_that_connection() -> None:
+    """1009 for a message over the limit; other connections are untouched."""
+    running = await _start(ProtocolLimits(max_message_size=1024))
+    try:
+        ws_port, rest_port = _ports(running)
+        big = await open_ws(reactor, "127.0.0.1", ws_port)
+        other = await open_ws(reactor, "127.0.0.1", ws_port)
+        big.sendMessage(b" " * 1025)
+        assert (await big.closed).code == 1009
+        other.send_update({"username": "fine", "ts": 3, "newSteps": 4})
+        await other.barrier()
+        result = await http("GET", "127.0.0.1", rest_port, "/users/fine/steps")
+        assert result.json() == {"cumulativeSteps": 4, "ts": 3}
+    finally:
+        await running.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_updates_keep_the_connection(server: RunningServer) -> None:
+    """Over a real socket, garbage is ignored and counted; the connection stays open."""
+    ws_port, rest_port = _ports(server)
+    client = await open_ws(reactor, "127.0.0.1", ws_port)
+    client.sendMessage(b"\x00\x01 garbage", isBinary=True)
+    client.sendMessage(b'{"username": "x", "ts": NaN, "newSteps": 1}')
+    client.send_update({"username": "x", "ts": 1, "newSteps": 1e400})
+    client.send_update({"username": "x", "ts": 5, "newSteps": 6})
+    await client.barrier()
+    assert not client.closed.called
+    assert sum(server.service.rejections.totals.values()) == 3
+    result = await http("GET", "127.0.0.1", rest_port, "/users/x/steps")
+    assert result.json() == {"cumulativeSteps": 6, "ts": 5}
