@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_ships_the_plugin_and_the_typing_marker(tmp_path: Path) -> None:
-    """The wheel holds twisted/plugins/steptrack.py, no plugins __init__, and py.typed."""
+    """The wheel holds the plugin module (no plugins __init__) and py.typed."""
     subprocess.run(
         [
             sys.executable,
