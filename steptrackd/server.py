@@ -12,6 +12,7 @@ finishes with nothing left that could still write to it.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,7 +42,7 @@ from twisted.web.server import Site
 from . import __version__
 from .rejections import RejectionCounter
 from .rest import totals_site
-from .store import IStepStore
+from .store import IStepStore, StoreUnusable
 from .update import DEFAULT_MAX_NEW_STEPS, UpdateDecoder
 from .websocket import StepUpdateFactory
 
@@ -86,25 +87,26 @@ def describe_address(port: IListeningPort) -> str:
     return f"{host}:{getattr(address, 'port', '?')}"
 
 
-def _exit_if_failed(listener: Listener) -> None:
+def _exit_if_any_failed(listeners: list[Listener]) -> None:
     """
-    Raise :class:`CannotStart` if ``listener`` has already failed to listen,
+    Raise :class:`CannotStart` if a listener has already failed to listen,
     as the endpoints that bind at once (TCP, UNIX, systemd) do.
     """
-    failures: list[Failure] = []
+    failures: list[tuple[Listener, Failure]] = []
 
-    def note(failure: Failure) -> Failure:
-        failures.append(failure)
-        return failure
+    def note(failure: Failure, listener: Listener) -> None:
+        # Consumed: each failure is reported below, not as unhandled.
+        failures.append((listener, failure))
 
-    assert listener.listening is not None
-    listener.listening.addErrback(note)
+    for listener in listeners:
+        assert listener.listening is not None
+        listener.listening.addErrback(note, listener)
     if failures:
-        # Reported here and now; keep it out of the "unhandled error" log.
-        listener.listening.addErrback(lambda failure: None)
+        listener, failure = failures[0]
+        # The error first: a daemonizing twistd shows only the start of it.
         message = (
-            f"steptrack: cannot listen for {listener.name} on "
-            f"{listener.description}: {failures[0].getErrorMessage()}"
+            f"steptrack: {failure.getErrorMessage()} "
+            f"(listening for {listener.name} on {listener.description})"
         )
         _log.critical(message)
         raise CannotStart(message)
@@ -183,6 +185,9 @@ class _TotalsSite(Site):
     protocol = _TrackedChannel  # type: ignore[assignment]
     noisy = False
 
+    def logPrefix(self) -> str:
+        return "steptrack REST"
+
     def __init__(self, site: Site) -> None:
         super().__init__(site.resource, requestFactory=site.requestFactory)
         self.displayTracebacks = False
@@ -232,13 +237,15 @@ class SteptrackService(MultiService):
         store: IStepStore,
         limits: ProtocolLimits = ProtocolLimits(),
         *,
-        exit_if_cannot_listen: bool = False,
+        ws_description: str | None = None,
+        rest_description: str | None = None,
+        as_daemon: bool = False,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.store = store
         self.limits = limits
-        self._exit_if_cannot_listen = exit_if_cannot_listen
+        self._as_daemon = as_daemon
         store.setServiceParent(self)
         self.rejections = RejectionCounter(reactor)
         self.rejections.setServiceParent(self)
@@ -255,27 +262,53 @@ class SteptrackService(MultiService):
         )
         self.rest_site = _TotalsSite(totals_site(store))
         self.rest_site.reactor = reactor
-        self.ws_listener = Listener("websocket", ws_endpoint, self.ws_factory)
+        self.ws_listener = Listener(
+            "WebSocket updates", ws_endpoint, self.ws_factory, ws_description
+        )
         self.ws_listener.setServiceParent(self)
-        self.rest_listener = Listener("rest", rest_endpoint, self.rest_site)
+        self.rest_listener = Listener(
+            "REST totals", rest_endpoint, self.rest_site, rest_description
+        )
         self.rest_listener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        if self._exit_if_cannot_listen:
-            for listener in (self.ws_listener, self.rest_listener):
-                _exit_if_failed(listener)
+        if self._as_daemon:
+            _exit_if_any_failed([self.ws_listener, self.rest_listener])
 
     def startService(self) -> None:
-        super().startService()
+        try:
+            super().startService()
+        except StoreUnusable as e:
+            if not self._as_daemon:
+                raise
+            message = f"steptrack: cannot open the store: {e}"
+            _log.critical(message)
+            raise CannotStart(message) from None
+        if self._as_daemon:
+            self.reactor.callWhenRunning(self._stop_on_sigterm)
         assert self.ws_listener.listening and self.rest_listener.listening
         self.started = gatherResults(
             [self.ws_listener.listening, self.rest_listener.listening],
             consumeErrors=True,
         )
         self.started.addCallback(self._log_started)
-        if self._exit_if_cannot_listen:
+        if self._as_daemon:
             self.started.addErrback(self._cannot_listen)
+
+    def _stop_on_sigterm(self) -> None:
+        """
+        Handle SIGTERM here rather than in Twisted: twistd re-raises the
+        signal that stopped the reactor once it has shut down, so the
+        process would end "killed by SIGTERM" instead of with status 0
+        after a clean stop.
+        """
+
+        def stop(signum: int, frame: object) -> None:
+            _log.info("SIGTERM: shutting down")
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, stop)
 
     def _log_started(self, ports: list[IListeningPort]) -> list[IListeningPort]:
         ws_port, rest_port = ports

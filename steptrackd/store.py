@@ -17,7 +17,7 @@ import enum
 from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import islice
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, succeed
@@ -51,6 +51,17 @@ class Total(NamedTuple):
 
 class StoreClosed(Exception):
     """The store was used after ``close()``."""
+
+
+class StoreUnusable(Exception):
+    """The store cannot be opened: the message says what and where."""
+
+
+class StoreWriteFailed(Exception):
+    """
+    The store could not persist some updates (a full disk, say): none of
+    them was applied. The store logs the cause; callers need not.
+    """
 
 
 class IStepStore(IService):
@@ -203,18 +214,35 @@ class MemoryStore(Service):
             _log.failure("Pruning remembered update ids failed")
 
 
+DEFAULT_STORE = "sqlite:steptrack.sqlite3"
+STORE_KINDS = "memory: (in memory, lost at exit) or sqlite:PATH (durable)"
+
+
 def check_store_url(url: str) -> None:
     """
     Raise ``ValueError``, with a message fit for the user, unless ``url``
     names a store this build has.
     """
     scheme, _, rest = url.partition(":")
-    if scheme == "memory" and rest == "":
+    if (scheme, rest) == ("memory", "") or (scheme == "sqlite" and rest):
         return
-    raise ValueError(f"unknown store {url!r}: the stores are 'memory:'")
+    raise ValueError(f"unknown store {url!r}: the stores are {STORE_KINDS}")
 
 
-def open_store(url: str, clock: IReactorTime, dedupe_retention: float) -> IStepStore:
-    """Make the store that ``url`` names (see :func:`check_store_url`)."""
+def open_store(
+    url: str,
+    reactor: Any,
+    dedupe_retention: float = DEFAULT_DEDUPE_RETENTION,
+    clock: IReactorTime | None = None,
+) -> IStepStore:
+    """
+    Make the store that ``url`` names (see :func:`check_store_url`). It is
+    opened when started. ``clock`` (default: ``reactor``) measures time.
+    """
     check_store_url(url)
+    clock = clock if clock is not None else reactor
+    if url.startswith("sqlite:"):
+        from .sqlite_store import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:") :], reactor, clock, dedupe_retention)
     return MemoryStore(clock, dedupe_retention)

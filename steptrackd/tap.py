@@ -19,11 +19,16 @@ from twisted.python import usage
 
 from . import __version__
 from .server import ProtocolLimits, SteptrackService
-from .store import DEFAULT_DEDUPE_RETENTION, check_store_url, open_store
+from .store import (
+    DEFAULT_DEDUPE_RETENTION,
+    DEFAULT_STORE,
+    STORE_KINDS,
+    check_store_url,
+    open_store,
+)
 
 DEFAULT_WS_LISTEN = r"tcp6:8081:interface=\:\:"
 DEFAULT_REST_LISTEN = r"tcp6:8080:interface=\:\:"
-DEFAULT_STORE = "memory:"
 
 _DEFAULTS = ProtocolLimits()
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -95,7 +100,7 @@ class Options(usage.Options):
             "store",
             None,
             DEFAULT_STORE,
-            "Where totals are kept: memory: (lost when the process exits).",
+            f"Where totals are kept: {STORE_KINDS}.",
         ],
         [
             "max-message-size",
@@ -195,5 +200,7 @@ def makeService(options: Options) -> IService:
         serverFromString(reactor, options["rest-listen"]),
         store,
         options.limits(),
-        exit_if_cannot_listen=True,
+        ws_description=options["ws-listen"],
+        rest_description=options["rest-listen"],
+        as_daemon=True,
     )

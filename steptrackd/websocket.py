@@ -116,6 +116,9 @@ class StepUpdateFactory(WebSocketServerFactory):
     protocol = StepUpdateProtocol  # type: ignore[assignment]
     noisy = False
 
+    def logPrefix(self) -> str:
+        return "steptrack WebSocket"
+
     def __init__(
         self,
         store: IStepStore,

@@ -22,11 +22,11 @@ def parse(*argv: str) -> Options:
 
 
 def test_defaults_follow_the_contract() -> None:
-    """Dual-stack 8081 and 8080, the memory store and the section 5 limits."""
+    """Dual-stack 8081 and 8080, a durable store and the section 5 limits."""
     options = parse()
     assert options["ws-listen"] == r"tcp6:8081:interface=\:\:"
     assert options["rest-listen"] == r"tcp6:8080:interface=\:\:"
-    assert options["store"] == "memory:"
+    assert options["store"] == "sqlite:steptrack.sqlite3"
     assert options["dedupe-retention"] == 7 * 24 * 3600
     assert options.limits() == ProtocolLimits()
     assert options.limits().max_message_size == 64 * 1024
@@ -84,7 +84,14 @@ def test_ping_timeout_may_be_zero_when_pings_are_off() -> None:
 def test_make_service_assembles_store_and_listeners() -> None:
     """The service holds the store first and both listeners, with the limits given."""
     service = makeService(
-        parse("--max-message-size", "1000", "--dedupe-retention", "1h")
+        parse(
+            "--store",
+            "memory:",
+            "--max-message-size",
+            "1000",
+            "--dedupe-retention",
+            "1h",
+        )
     )
     assert isinstance(service, SteptrackService)
     assert isinstance(service.store, MemoryStore)
