@@ -1,13 +1,19 @@
 """
 The store contract (section 3 of the contract), run against every store.
 
-Time is a ``task.Clock``; no test touches the global reactor. Every store
-kind is built by one entry of ``STORES``; a new store joins the suite by
-adding an entry there.
+Time is a ``task.Clock``, and no test runs the reactor. Every store kind is
+built by one entry of ``STORES``; a new store joins the suite by adding an
+entry there. The memory store answers at once; the SQLite store's writer
+thread hands its results over with ``callFromThread``, which here is
+:class:`ThreadCalls`, run by the test until the result it waits for is in.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -15,8 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
+from steptrackd.sqlite_store import SQLiteStore
 from steptrackd.store import (
     DEFAULT_DEDUPE_RETENTION,
     IStepStore,
@@ -32,26 +41,62 @@ T = TypeVar("T")
 
 DAY = 24 * 3600.0
 
+
+@implementer(IReactorFromThreads)
+class ThreadCalls:
+    """
+    Stands in for the reactor's ``callFromThread``: calls from other threads
+    wait in a queue until the test runs them.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.Queue[tuple[Callable[..., Any], Any, Any]] = queue.Queue()
+
+    def callFromThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        self._calls.put((callable, args, kwargs))
+
+    def run_until(self, deferred: Deferred[Any], timeout: float = 10.0) -> None:
+        while not deferred.called:
+            f, args, kwargs = self._calls.get(timeout=timeout)
+            f(*args, **kwargs)
+
+
+THREAD_CALLS = ThreadCalls()
+
+
+def _sqlite(clock: Clock, retention: float) -> IStepStore:
+    directory = tempfile.mkdtemp(prefix="steptrack-test-")
+    path = os.path.join(directory, "steps.sqlite3")
+    return SQLiteStore(path, THREAD_CALLS, clock, retention)
+
+
 STORES: dict[str, Callable[[Clock, float], IStepStore]] = {
     "memory": lambda clock, retention: MemoryStore(clock, retention),
+    "sqlite": _sqlite,
 }
 
 
 def result_of(deferred: Deferred[T]) -> T:
-    """The result of a Deferred that has already fired."""
+    """The result of a Deferred, once calls from store threads have run."""
+    THREAD_CALLS.run_until(deferred)
     results: list[T] = []
     failures: list[Any] = []
     deferred.addCallbacks(results.append, failures.append)
     if failures:
         failures[0].raiseException()
-    assert results, "the Deferred has not fired"
     return results[0]
 
 
 class StoreUnderTest:
-    def __init__(self, make: Callable[[Clock, float], IStepStore]) -> None:
+    def __init__(
+        self,
+        make: Callable[[Clock, float], IStepStore],
+        retention: float = DEFAULT_DEDUPE_RETENTION,
+    ) -> None:
         self.clock = Clock()
-        self.store = make(self.clock, DEFAULT_DEDUPE_RETENTION)
+        self.store = make(self.clock, retention)
         self.store.startService()
 
     def apply(self, *updates: Update) -> list[Outcome]:
@@ -60,12 +105,35 @@ class StoreUnderTest:
     def total(self, username: str) -> Total | None:
         return result_of(self.store.total(username))
 
+    def settle(self) -> None:
+        """Let the store finish what it has scheduled (a prune, say)."""
+        self.clock.advance(0)
+        self.apply()
+
+    def close(self) -> None:
+        result_of(self.store.close())
+        path = getattr(self.store, "path", None)
+        if path is not None:
+            shutil.rmtree(os.path.dirname(path))
+
+    def remembered_ids(self) -> int:
+        self.settle()
+        count: int = self.store.remembered_ids  # type: ignore[attr-defined]
+        return count
+
 
 @pytest.fixture(params=sorted(STORES))
-def subject(request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
-    subject = StoreUnderTest(STORES[request.param])
+def store_kind(request: pytest.FixtureRequest) -> Callable[[Clock, float], IStepStore]:
+    return STORES[request.param]
+
+
+@pytest.fixture
+def subject(
+    store_kind: Callable[[Clock, float], IStepStore],
+) -> Iterator[StoreUnderTest]:
+    subject = StoreUnderTest(store_kind)
     yield subject
-    result_of(subject.store.close())
+    subject.close()
 
 
 def test_unknown_user_has_no_total(subject: StoreUnderTest) -> None:
@@ -155,36 +223,39 @@ def test_ids_are_remembered_for_the_retention_period(subject: StoreUnderTest) ->
     assert subject.apply(Update("a", 1, 10, "id-1")) == [Outcome.DUPLICATE]
 
 
-def test_ids_are_forgotten_after_the_retention_period() -> None:
+def test_ids_are_forgotten_after_the_retention_period(
+    store_kind: Callable[[Clock, float], IStepStore],
+) -> None:
     """Dedupe state is bounded: ids older than the retention are pruned."""
-    clock = Clock()
-    store = MemoryStore(clock, dedupe_retention=7 * DAY)
-    store.startService()
-    result_of(store.apply([Update("a", 1, 10, "old")]))
-    clock.advance(3 * DAY)
-    result_of(store.apply([Update("a", 1, 10, "newer")]))
-    assert store.remembered_ids == 2
-    clock.pump([store.prune_interval] * int(4 * DAY / store.prune_interval + 2))
-    assert store.remembered_ids == 1
-    assert result_of(store.apply([Update("a", 1, 10, "old")])) == [Outcome.APPLIED]
-    assert result_of(store.apply([Update("a", 1, 10, "newer")])) == [Outcome.DUPLICATE]
-    result_of(store.close())
+    subject = StoreUnderTest(store_kind, retention=7 * DAY)
+    interval = subject.store.prune_interval  # type: ignore[attr-defined]
+    subject.apply(Update("a", 1, 10, "old"))
+    subject.clock.advance(3 * DAY)
+    subject.apply(Update("a", 1, 10, "newer"))
+    assert subject.remembered_ids() == 2
+    for _ in range(int(4 * DAY / interval) + 2):
+        subject.clock.advance(interval)
+    assert subject.remembered_ids() == 1
+    assert subject.apply(Update("a", 1, 10, "old")) == [Outcome.APPLIED]
+    assert subject.apply(Update("a", 1, 10, "newer")) == [Outcome.DUPLICATE]
+    subject.close()
 
 
-def test_pruning_works_in_bounded_steps() -> None:
-    """A large backlog of expired ids is forgotten a batch per reactor turn."""
-    clock = Clock()
-    store = MemoryStore(clock, dedupe_retention=10)
-    store.prune_batch = 100
-    store.startService()
-    result_of(store.apply([Update("a", 1, 1, f"id-{i}") for i in range(250)]))
-    clock.advance(11)
-    store.prune()
-    assert store.remembered_ids == 150
-    clock.advance(0)
-    clock.advance(0)
-    assert store.remembered_ids == 0
-    result_of(store.close())
+def test_pruning_works_in_bounded_steps(
+    store_kind: Callable[[Clock, float], IStepStore],
+) -> None:
+    """A large backlog of expired ids is forgotten a bounded batch at a time."""
+    subject = StoreUnderTest(store_kind, retention=10)
+    subject.store.prune_batch = 100  # type: ignore[attr-defined]
+    subject.apply(*(Update("a", 1, 1, f"id-{i}") for i in range(250)))
+    subject.clock.advance(11)
+    subject.store.prune()  # type: ignore[attr-defined]
+    subject.apply()
+    assert subject.store.remembered_ids == 150  # type: ignore[attr-defined]
+    subject.settle()
+    subject.settle()
+    assert subject.remembered_ids() == 0
+    subject.close()
 
 
 def test_a_failing_prune_does_not_end_pruning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,4 +340,4 @@ def test_totals_are_sums_over_distinct_ids(
                 assert total == Total(*expected[username])
             else:
                 assert total is None
-        result_of(subject.store.close())
+        subject.close()
