@@ -44,7 +44,7 @@ from .rejections import RejectionCounter
 from .rest import totals_site
 from .store import IStepStore, StoreUnusable
 from .update import DEFAULT_MAX_NEW_STEPS, UpdateDecoder
-from .websocket import StepUpdateFactory
+from .websocket import DEFAULT_MAX_BATCH, StepUpdateFactory
 
 _log = Logger()
 
@@ -56,6 +56,8 @@ class ProtocolLimits:
     max_message_size: int = 64 * 1024
     """Largest message, and frame, in bytes; bigger ones close with 1009."""
     max_new_steps: int = DEFAULT_MAX_NEW_STEPS
+    max_batch: int = DEFAULT_MAX_BATCH
+    """Most updates in one protocol v2 message."""
     handshake_timeout: float = 10.0
     """Seconds a client has to complete the opening handshake."""
     ping_interval: float = 30.0
@@ -259,6 +261,7 @@ class SteptrackService(MultiService):
             ping_interval=limits.ping_interval,
             ping_timeout=limits.ping_timeout,
             close_timeout=limits.close_timeout,
+            max_batch=limits.max_batch,
         )
         self.rest_site = _TotalsSite(totals_site(store))
         self.rest_site.reactor = reactor

@@ -65,6 +65,7 @@ _DURATION_HELP = " Seconds, or a number with s, m, h or d."
 _CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "max-message-size": _positive_int,
     "max-new-steps": _positive_int,
+    "max-batch": _positive_int,
     "dedupe-retention": _duration,
     "handshake-timeout": _duration,
     "ping-interval": _duration,
@@ -114,6 +115,12 @@ class Options(usage.Options):
             None,
             _DEFAULTS.max_new_steps,
             "Largest newSteps one update may carry.",
+        ],
+        [
+            "max-batch",
+            None,
+            _DEFAULTS.max_batch,
+            "Most updates in one message of protocol v2 (steptrack.v2).",
         ],
         [
             "dedupe-retention",
@@ -184,6 +191,7 @@ class Options(usage.Options):
         return ProtocolLimits(
             max_message_size=self["max-message-size"],
             max_new_steps=self["max-new-steps"],
+            max_batch=self["max-batch"],
             handshake_timeout=self["handshake-timeout"],
             ping_interval=self["ping-interval"],
             ping_timeout=self["ping-timeout"],

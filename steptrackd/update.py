@@ -38,6 +38,9 @@ class Reason(str, enum.Enum):
     BAD_NEW_STEPS = "bad_new_steps"
     BAD_UPDATE_ID = "bad_update_id"
     TOTAL_OVERFLOW = "total_overflow"
+    # Protocol v2 only:
+    MISSING_UPDATE_ID = "missing_update_id"
+    BATCH_TOO_LARGE = "batch_too_large"
 
 
 class InvalidUpdate(Exception):
@@ -119,6 +122,28 @@ def _reason_for(error: msgspec.ValidationError) -> Reason:
     return _FIELD_REASONS[match.group(1) or match.group(2)]
 
 
+class _IdOnly(msgspec.Struct):
+    update_id: object = None
+
+
+_decode_items = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_id = msgspec.json.Decoder(_IdOnly).decode
+
+
+def update_id_of(payload: bytes | msgspec.Raw) -> str | None:
+    """
+    The update_id of a payload that did not decode as an update, if it has
+    a usable one, so that a rejection can name it.
+    """
+    try:
+        update_id = _decode_id(payload).update_id
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if isinstance(update_id, str) and 1 <= len(update_id) <= MAX_UPDATE_ID_LENGTH:
+        return update_id
+    return None
+
+
 class UpdateDecoder:
     """
     Turns one payload (UTF-8 JSON bytes) into an :class:`Update`, or raises
@@ -129,7 +154,40 @@ class UpdateDecoder:
         self.max_new_steps = max_new_steps
         self._decode = msgspec.json.Decoder(_WireUpdate).decode
 
-    def decode(self, payload: bytes) -> Update:
+    def decode_batch(
+        self, payload: bytes, max_batch: int
+    ) -> list[Update | InvalidUpdate]:
+        """
+        Protocol v2: a payload is one update or a JSON array of at most
+        ``max_batch`` of them, each with an update_id. Returns, in order,
+        each update or why it is invalid; raises :class:`InvalidUpdate` when
+        the payload as a whole is unusable (not JSON, too many updates).
+        """
+        if payload.lstrip()[:1] != b"[":
+            return [self._decode_with_id(payload)]
+        try:
+            items = _decode_items(payload)
+        except msgspec.DecodeError as e:
+            raise InvalidUpdate(Reason.NOT_JSON, str(e)) from None
+        if len(items) > max_batch:
+            raise InvalidUpdate(
+                Reason.BATCH_TOO_LARGE,
+                f"{len(items)} updates in one message; the limit is {max_batch}",
+            )
+        return [self._decode_with_id(item) for item in items]
+
+    def _decode_with_id(self, payload: bytes | msgspec.Raw) -> Update | InvalidUpdate:
+        try:
+            update = self.decode(payload)
+        except InvalidUpdate as invalid:
+            return invalid
+        if update.update_id is None:
+            return InvalidUpdate(
+                Reason.MISSING_UPDATE_ID, "protocol v2 needs an update_id"
+            )
+        return update
+
+    def decode(self, payload: bytes | msgspec.Raw) -> Update:
         try:
             wire = self._decode(payload)
         except msgspec.ValidationError as e:

@@ -8,14 +8,24 @@ limits, pings and the closing handshake are Autobahn's own code, configured
 with real limits. It does not know how totals are kept (``store``) or read
 (``rest``).
 
-The per-message path is kept short on purpose: one decode, one append; the
+Two versions of the protocol share one connection class:
+
+- version 1 (no subprotocol): one update per message, nothing sent back;
+- version 2 (subprotocol ``steptrack.v2``): one update or an array of them
+  per message, each with an update_id, and one reply per message, in order,
+  once the store has committed its updates.
+
+The version 1 path is kept short on purpose: one decode, one append; the
 updates decoded from one network read reach the store in a single call.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
 
+import msgspec
 from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
@@ -29,31 +39,74 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from .rejections import RejectionCounter
-from .store import IStepStore, Outcome
-from .update import InvalidUpdate, Reason, Update, UpdateDecoder
+from .store import IStepStore, Outcome, StoreWriteFailed
+from .update import InvalidUpdate, Reason, Update, UpdateDecoder, update_id_of
 
 CLOSE_GOING_AWAY = 1001
+SUBPROTOCOL_V2: Final = "steptrack.v2"
+DEFAULT_MAX_BATCH: Final = 1000
+MAX_IN_FLIGHT: Final = 64
+"""Store calls one connection may have outstanding before it stops reading."""
 
 _log = Logger()
 
 
+class Rejection(msgspec.Struct):
+    """One invalid update in a version 2 reply."""
+
+    index: int | None
+    """Its position in the message (0 for a single update); null when the
+    message as a whole was refused."""
+    update_id: str | None
+    reason: str
+
+
+class Reply(msgspec.Struct):
+    """The answer to one version 2 message."""
+
+    seq: int
+    """1 for the first message on the connection, 2 for the next, ..."""
+    acked: list[str] = msgspec.field(default_factory=list)
+    """Applied now, or already applied before (a resend): safe to forget."""
+    rejected: list[Rejection] = msgspec.field(default_factory=list)
+    """Invalid: resending will not help."""
+    retry: list[str] = msgspec.field(default_factory=list)
+    """Not stored (the server could not write): send these again later."""
+
+
+_encode_reply = msgspec.json.Encoder().encode
+
+
+@dataclass
+class _PendingReply:
+    reply: Reply
+    ready: bool = False
+    # (index, update) of the valid updates handed to the store.
+    applied: list[tuple[int, Update]] = field(default_factory=list)
+
+
 class StepUpdateProtocol(WebSocketServerProtocol):
-    """
-    One device connection. Every message is one update, JSON in a text or a
-    binary message; nothing is sent back.
-    """
+    """One device connection, speaking version 1 or 2 of the protocol."""
 
     factory: StepUpdateFactory
 
     def __init__(self) -> None:
         super().__init__()
+        self.version = 1
         self._pending: list[Update] = []
+        self._replies: deque[_PendingReply] = deque()
+        self._seq = 0
+        self._in_flight = 0
+        self._paused = False
         self.closed: Deferred[None] = Deferred()
         """Fires once the TCP connection is gone."""
 
-    def onConnect(self, request: ConnectionRequest) -> None:
-        # Version 1 of the protocol has no subprotocol; a client that offers
-        # only subprotocols we do not speak is answered without one.
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        if SUBPROTOCOL_V2 in request.protocols:
+            self.version = 2
+            return SUBPROTOCOL_V2
+        # Version 1 has no subprotocol; a client that offers only
+        # subprotocols we do not speak is answered without one.
         return None
 
     def connectionMade(self) -> None:
@@ -69,8 +122,8 @@ class StepUpdateProtocol(WebSocketServerProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's own dataReceived only adds a debug log line per read.
-        # Messages completed by this read are collected by onMessageEnd and
-        # go to the store together, in order, when the read is processed.
+        # Version 1 messages completed by this read are collected by
+        # onMessageEnd and go to the store together, in order, afterwards.
         try:
             self._dataReceived(data)
         finally:
@@ -81,8 +134,14 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         # Replaces Autobahn's onMessageEnd, which would also fire a
         # per-message "message" event that nothing here listens to.
         if not self.failedByMe:
-            self._decode(b"".join(self.message_data))
+            payload = b"".join(self.message_data)
+            if self.version == 1:
+                self._decode(payload)
+            else:
+                self._receive_v2(payload)
         self.message_data = None  # type: ignore[assignment]
+
+    # -- version 1 --
 
     def _decode(self, payload: bytes) -> None:
         try:
@@ -91,9 +150,101 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.factory.rejections.count(invalid.reason, invalid.detail)
 
     def _flush(self) -> None:
-        if self._pending:
-            updates, self._pending = self._pending, []
-            self.factory.apply(updates)
+        updates, self._pending = self._pending, []
+        applying = self.factory.apply(updates)
+        if applying is not None:
+            # Version 1 has no replies: a failed write is only logged.
+            applying.addErrback(self.factory.store_failed)
+            if not applying.called:
+                self._track(applying)
+
+    # -- version 2 --
+
+    def _receive_v2(self, payload: bytes) -> None:
+        self._seq += 1
+        pending = _PendingReply(Reply(self._seq))
+        self._replies.append(pending)
+        rejected = pending.reply.rejected
+        try:
+            items = self.factory.decoder.decode_batch(payload, self.factory.max_batch)
+        except InvalidUpdate as invalid:
+            self._count(invalid)
+            rejected.append(Rejection(None, None, invalid.reason.value))
+            items = []
+        for index, item in enumerate(items):
+            if isinstance(item, InvalidUpdate):
+                self._count(item)
+                rejected.append(
+                    Rejection(index, _item_id(payload, index, items), item.reason.value)
+                )
+            else:
+                pending.applied.append((index, item))
+        if not pending.applied:
+            pending.ready = True
+            self._send_replies()
+            return
+        applying = self.factory.apply([update for _, update in pending.applied])
+        if applying is None:
+            self._settle(None, pending)
+            return
+        applying.addBoth(self._settle, pending)
+        if not applying.called:
+            self._track(applying)
+
+    def _count(self, invalid: InvalidUpdate) -> None:
+        self.factory.rejections.count(invalid.reason, invalid.detail)
+
+    def _settle(
+        self, outcomes: list[Outcome] | Failure | None, pending: _PendingReply
+    ) -> None:
+        reply = pending.reply
+        if isinstance(outcomes, list):
+            for (index, update), outcome in zip(pending.applied, outcomes, strict=True):
+                assert update.update_id is not None
+                if outcome is Outcome.TOTAL_OVERFLOW:
+                    reply.rejected.append(
+                        Rejection(index, update.update_id, Reason.TOTAL_OVERFLOW.value)
+                    )
+                else:
+                    reply.acked.append(update.update_id)
+            reply.rejected.sort(key=lambda rejection: rejection.index or 0)
+        else:
+            if outcomes is not None:
+                self.factory.store_failed(outcomes)
+            reply.retry.extend(
+                cast(str, update.update_id) for _, update in pending.applied
+            )
+        pending.ready = True
+        self._send_replies()
+
+    def _send_replies(self) -> None:
+        replies = self._replies
+        while replies and replies[0].ready:
+            reply = replies.popleft().reply
+            if self.state == self.STATE_OPEN:
+                self.sendMessage(_encode_reply(reply))
+
+    # -- both --
+
+    def _track(self, applying: Deferred[Any]) -> None:
+        """
+        Stop reading from a client that is ahead of the store by more than
+        ``MAX_IN_FLIGHT`` calls, and read again once it has caught up half.
+        """
+        self._in_flight += 1
+        applying.addBoth(self._landed)
+        if self._in_flight > MAX_IN_FLIGHT and not self._paused:
+            self._paused = True
+            if self.transport is not None:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _landed(self, result: object) -> object:
+        self._in_flight -= 1
+        if self._paused and self._in_flight <= MAX_IN_FLIGHT // 2:
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+        return result
 
     def close_going_away(self) -> None:
         """Start closing because the server is going away."""
@@ -105,6 +256,16 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         elif self.state != self.STATE_CLOSED:
             # Still in the opening handshake, or already closing.
             self.dropConnection(abort=True)
+
+
+def _item_id(
+    payload: bytes, index: int, items: list[Update | InvalidUpdate]
+) -> str | None:
+    """The update_id of the invalid item at ``index``, if it has one."""
+    if len(items) == 1 and payload.lstrip()[:1] != b"[":
+        return update_id_of(payload)
+    raw = msgspec.json.decode(payload, type=list[msgspec.Raw])[index]
+    return update_id_of(raw)
 
 
 class StepUpdateFactory(WebSocketServerFactory):
@@ -131,8 +292,10 @@ class StepUpdateFactory(WebSocketServerFactory):
         ping_interval: float = 30.0,
         ping_timeout: float = 30.0,
         close_timeout: float = 2.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         super().__init__(server=f"steptrack/{__version__}", reactor=reactor)
+        self.max_batch = max_batch
         self.store = store
         self.rejections = rejections
         self.decoder = decoder if decoder is not None else UpdateDecoder()
@@ -152,25 +315,31 @@ class StepUpdateFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
         )
 
-    def apply(self, updates: list[Update]) -> None:
-        """Hand ``updates`` to the store, counting the ones it refuses."""
+    def apply(self, updates: list[Update]) -> Deferred[list[Outcome]] | None:
+        """
+        Hand ``updates`` to the store, counting the ones it refuses. Returns
+        the store's answer, or ``None`` if the store raised (which is logged).
+        """
         try:
             applying = self.store.apply(updates)
         except Exception:
             _log.failure("The store refused {count} update(s)", count=len(updates))
-            return
-        applying.addCallbacks(self._count_refused, self._store_failed)
+            return None
+        return applying.addCallback(self._count_refused)
 
-    def _count_refused(self, outcomes: list[Outcome]) -> None:
+    def _count_refused(self, outcomes: list[Outcome]) -> list[Outcome]:
         for outcome in outcomes:
             if outcome is Outcome.TOTAL_OVERFLOW:
                 self.rejections.count(
-                    Reason.TOTAL_OVERFLOW,
-                    "the total would pass 2^53 - 1",
+                    Reason.TOTAL_OVERFLOW, "the total would pass 2^53 - 1"
                 )
+        return outcomes
 
-    def _store_failed(self, failure: Failure) -> None:
-        _log.failure("The store failed to apply updates", failure)
+    @staticmethod
+    def store_failed(failure: Failure) -> None:
+        """Log a store failure, unless the store has reported it itself."""
+        if not failure.check(StoreWriteFailed):
+            _log.failure("The store failed to apply updates", failure)
 
     def close_connections(self, timeout: float) -> Deferred[Any]:
         """

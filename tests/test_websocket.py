@@ -15,13 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from steptrackd.rejections import RejectionCounter
-from steptrackd.store import MemoryStore, Total
+from steptrackd.store import MemoryStore, Outcome, StoreWriteFailed, Total
 from steptrackd.update import MAX_SAFE_INTEGER, Reason
-from steptrackd.websocket import StepUpdateFactory, StepUpdateProtocol
+from steptrackd.websocket import MAX_IN_FLIGHT, StepUpdateFactory, StepUpdateProtocol
 
 from .test_store import result_of
 
@@ -121,6 +122,7 @@ class Adapter:
         self.rejections = RejectionCounter(self.clock)
         # Timeouts off: they would need a running reactor.
         options = {
+            "max_batch": 1000,
             "handshake_timeout": 0,
             "ping_interval": 0,
             "close_timeout": 0,
@@ -338,3 +340,228 @@ def test_any_stream_gives_exact_totals(
         else:
             assert adapter.total(username) is None
     assert sum(adapter.rejections.totals.values()) == invalid
+
+
+V2 = b"Sec-WebSocket-Protocol: steptrack.v2\r\n"
+
+
+def replies(written: bytes) -> list[dict[str, Any]]:
+    """The version 2 replies among what the server wrote."""
+    return [json.loads(p) for opcode, p in server_frames(written) if opcode == TEXT]
+
+
+def v2_update(update_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    update: dict[str, Any] = {"username": "a", "ts": 1, "newSteps": 1, **fields}
+    if update_id is not None:
+        update["update_id"] = update_id
+    return update
+
+
+def test_v2_is_chosen_when_offered(adapter: Adapter) -> None:
+    """A client offering steptrack.v2 gets it back in the handshake."""
+    device = adapter.device(b"Sec-WebSocket-Protocol: other, steptrack.v2\r\n")
+    assert b"Sec-WebSocket-Protocol: steptrack.v2" in device.handshake_response
+    assert device.protocol.version == 2
+
+
+def test_v2_single_update_is_acked(adapter: Adapter) -> None:
+    """One update in a message: applied, then acknowledged by its id."""
+    device = adapter.device(V2)
+    written = device.send(frame(json.dumps(v2_update("u1", newSteps=5)).encode()))
+    assert replies(written) == [
+        {"seq": 1, "acked": ["u1"], "rejected": [], "retry": []}
+    ]
+    assert adapter.total("a") == Total(5, 1)
+
+
+def test_v2_batch_is_acked_in_order_with_resends(adapter: Adapter) -> None:
+    """A batch: every applied id and every resend is acked, in batch order."""
+    device = adapter.device(V2)
+    device.send(frame(json.dumps([v2_update("u1", newSteps=5)]).encode()))
+    written = device.send(
+        frame(
+            json.dumps(
+                [
+                    v2_update("u2", newSteps=1),
+                    v2_update("u1", newSteps=5),
+                    v2_update("u3"),
+                ]
+            ).encode(),
+            BINARY,
+        )
+    )
+    assert replies(written) == [
+        {"seq": 2, "acked": ["u2", "u1", "u3"], "rejected": [], "retry": []}
+    ]
+    assert adapter.total("a") == Total(7, 1)
+
+
+def test_v2_rejections_name_index_id_and_reason(adapter: Adapter) -> None:
+    """Invalid updates in a batch are rejected by index and id; the rest apply."""
+    device = adapter.device(V2)
+    batch = [
+        v2_update("ok-1"),
+        v2_update("bad-ts", ts=-1),
+        v2_update(None),
+        "not an object",
+        v2_update("ok-2", newSteps=1.5),
+        {"update_id": 7, "username": "a", "ts": 1, "newSteps": 1},
+    ]
+    written = device.send(frame(json.dumps(batch).encode()))
+    assert replies(written) == [
+        {
+            "seq": 1,
+            "acked": ["ok-1"],
+            "rejected": [
+                {"index": 1, "update_id": "bad-ts", "reason": "bad_ts"},
+                {"index": 2, "update_id": None, "reason": "missing_update_id"},
+                {"index": 3, "update_id": None, "reason": "not_an_object"},
+                {"index": 4, "update_id": "ok-2", "reason": "bad_new_steps"},
+                {"index": 5, "update_id": None, "reason": "bad_update_id"},
+            ],
+            "retry": [],
+        }
+    ]
+    assert adapter.total("a") == Total(1, 1)
+    assert device.protocol.state == device.protocol.STATE_OPEN
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"[{", "not_json"),
+        (b"{nope", "not_json"),
+        (b"42", "not_an_object"),
+        (
+            json.dumps([v2_update(f"u{i}") for i in range(11)]).encode(),
+            "batch_too_large",
+        ),
+    ],
+)
+def test_v2_message_refused_as_a_whole(payload: bytes, reason: str) -> None:
+    """Not JSON, or too big a batch: the message is refused whole."""
+    adapter = Adapter(max_batch=10)
+    device = adapter.device(V2)
+    written = device.send(frame(payload))
+    [reply] = replies(written)
+    assert reply["acked"] == []
+    assert [r["reason"] for r in reply["rejected"]] == [reason]
+    assert adapter.total("a") is None
+
+
+def test_v2_batch_at_the_limit_is_accepted() -> None:
+    """max_batch updates in one message are fine."""
+    adapter = Adapter(max_batch=10)
+    device = adapter.device(V2)
+    written = device.send(
+        frame(json.dumps([v2_update(f"u{i}") for i in range(10)]).encode())
+    )
+    assert len(replies(written)[0]["acked"]) == 10
+
+
+def test_v2_overflow_is_rejected_not_acked(adapter: Adapter) -> None:
+    """An update that would pass 2^53 - 1 is rejected with total_overflow."""
+    device = adapter.device(V2)
+    adapter.store._totals["a"] = [MAX_SAFE_INTEGER - 1, 1]
+    written = device.send(
+        frame(json.dumps([v2_update("x", newSteps=2), v2_update("y")]).encode())
+    )
+    assert replies(written) == [
+        {
+            "seq": 1,
+            "acked": ["y"],
+            "rejected": [{"index": 0, "update_id": "x", "reason": "total_overflow"}],
+            "retry": [],
+        }
+    ]
+
+
+def test_v2_replies_follow_message_order(adapter: Adapter) -> None:
+    """One reply per message, numbered by seq, in the order the messages came."""
+    device = adapter.device(V2)
+    written = device.send(
+        frame(json.dumps(v2_update("a1")).encode()),
+        frame(b"garbage"),
+        frame(json.dumps([v2_update("a2"), v2_update("a3")]).encode()),
+    )
+    assert [(r["seq"], r["acked"]) for r in replies(written)] == [
+        (1, ["a1"]),
+        (2, []),
+        (3, ["a2", "a3"]),
+    ]
+
+
+class HeldStore(MemoryStore):
+    """A memory store whose answers wait until the test releases them."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.held: list[tuple[Deferred[list[Outcome]], list[Outcome] | Exception]] = []
+        self.fail_next = False
+
+    def apply(self, updates: Any) -> Deferred[list[Outcome]]:
+        result: list[Outcome] | Exception = (
+            StoreWriteFailed("disk full") if self.fail_next else self.apply_now(updates)
+        )
+        held: Deferred[list[Outcome]] = Deferred()
+        self.held.append((held, result))
+        return held
+
+    def release(self, index: int) -> None:
+        held, result = self.held[index]
+        if isinstance(result, Exception):
+            held.errback(result)
+        else:
+            held.callback(result)
+
+
+def held_adapter() -> tuple[Adapter, HeldStore]:
+    adapter = Adapter()
+    store = HeldStore(adapter.clock)
+    adapter.factory.store = store
+    adapter.store = store
+    return adapter, store
+
+
+def test_v2_replies_wait_for_earlier_messages() -> None:
+    """No reply overtakes an earlier message's, whatever finishes first."""
+    adapter, store = held_adapter()
+    device = adapter.device(V2)
+    device.send(
+        frame(json.dumps(v2_update("first")).encode()),
+        frame(json.dumps(v2_update("second")).encode()),
+    )
+    store.release(1)
+    assert replies(device.send()) == []
+    store.release(0)
+    assert [r["acked"] for r in replies(device.send())] == [["first"], ["second"]]
+
+
+def test_v2_failed_write_asks_for_a_retry() -> None:
+    """When the store cannot write, nothing is acked: the ids come back under retry."""
+    adapter, store = held_adapter()
+    store.fail_next = True
+    device = adapter.device(V2)
+    device.send(frame(json.dumps([v2_update("r1"), v2_update("r2", ts=-5)]).encode()))
+    store.release(0)
+    assert replies(device.send()) == [
+        {
+            "seq": 1,
+            "acked": [],
+            "rejected": [{"index": 1, "update_id": "r2", "reason": "bad_ts"}],
+            "retry": ["r1"],
+        }
+    ]
+    assert device.protocol.state == device.protocol.STATE_OPEN
+
+
+def test_reading_pauses_while_the_store_lags() -> None:
+    """A client far ahead of the store is not read until the store catches up."""
+    adapter, store = held_adapter()
+    device = adapter.device(V2)
+    for i in range(MAX_IN_FLIGHT + 1):
+        device.send(frame(json.dumps(v2_update(f"u{i}")).encode()))
+    assert device.transport.producerState == "paused"
+    for i in range(MAX_IN_FLIGHT // 2 + 1):
+        store.release(i)
+    assert device.transport.producerState == "producing"
