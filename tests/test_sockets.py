@@ -5,7 +5,10 @@ programmatic API, with a real WebSocket client and a real HTTP client.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +25,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
 from steptrackd.server import ProtocolLimits, RunningServer, start_server
+from steptrackd.sqlite_store import SQLiteStore
 from steptrackd.store import MemoryStore
 
 from .clients import Closed, http, open_ws
@@ -236,3 +240,54 @@ async def test_invalid_updates_keep_the_connection(server: RunningServer) -> Non
     assert sum(server.service.rejections.totals.values()) == 3
     result = await http("GET", "127.0.0.1", rest_port, "/users/x/steps")
     assert result.json() == {"cumulativeSteps": 6, "ts": 5}
+
+
+@pytest_twisted.ensureDeferred
+async def test_v2_acks_only_what_is_on_disk(tmp_path: Path) -> None:
+    """Over real sockets with the SQLite store, an ack means the ids are committed."""
+    path = tmp_path / "steps.sqlite3"
+    running = await start_server(
+        reactor,
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+        SQLiteStore(str(path), reactor),
+    )
+    try:
+        ws_port, rest_port = _ports(running)
+        client = await open_ws(
+            reactor, "127.0.0.1", ws_port, protocols=["steptrack.v2"]
+        )
+        assert client.subprotocol == "steptrack.v2"
+        for batch in range(5):
+            client.sendMessage(
+                json.dumps(
+                    [
+                        {
+                            "update_id": f"b{batch}-{i}",
+                            "username": "disk",
+                            "ts": batch * 100 + i,
+                            "newSteps": 1,
+                        }
+                        for i in range(100)
+                    ]
+                ).encode()
+            )
+        while len(client.messages) < 5:
+            await deferLater(reactor, 0.005, lambda: None)
+            # Each ack must already be on disk when it arrives.
+            for payload, _ in client.messages:
+                acked = json.loads(payload)["acked"]
+                reader = sqlite3.connect(path)
+                on_disk = {
+                    row[0]
+                    for row in reader.execute("SELECT update_id FROM applied_ids")
+                }
+                reader.close()
+                assert set(acked) <= on_disk
+        replies = [json.loads(payload) for payload, _ in client.messages]
+        assert [r["seq"] for r in replies] == [1, 2, 3, 4, 5]
+        assert sum(len(r["acked"]) for r in replies) == 500
+        result = await http("GET", "127.0.0.1", rest_port, "/users/disk/steps")
+        assert result.json() == {"cumulativeSteps": 500, "ts": 499}
+    finally:
+        await running.close()
