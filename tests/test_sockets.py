@@ -54,6 +54,26 @@ def _ports(server: RunningServer) -> tuple[int, int]:
     return server.ws_address.port, server.rest_address.port
 
 
+class _RawClient(Protocol):
+    """A TCP client that records what it receives and when it is cut off."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+async def _raw_connect(port: int) -> _RawClient:
+    raw = _RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), raw)
+    return raw
+
+
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 async def test_update_then_read_over_ipv4_and_ipv6(
@@ -97,19 +117,7 @@ async def test_close_ends_idle_http_keepalive_connections() -> None:
     running = await _start()
     _, rest_port = _ports(running)
 
-    class Raw(Protocol):
-        def __init__(self) -> None:
-            self.lost: Deferred[None] = Deferred()
-            self.data = b""
-
-        def dataReceived(self, data: bytes) -> None:
-            self.data += data
-
-        def connectionLost(self, reason: Any = None) -> None:
-            self.lost.callback(None)
-
-    raw = Raw()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", rest_port), raw)
+    raw = await _raw_connect(rest_port)
     assert raw.transport is not None
     raw.transport.write(b"GET /users/x/steps HTTP/1.1\r\nHost: x\r\n\r\n")
     while b"User doesn't exist" not in raw.data:
@@ -131,26 +139,6 @@ async def test_start_fails_cleanly_when_a_port_is_taken(server: RunningServer) -
             TCP6ServerEndpoint(reactor, ws_port, interface="::"),
             MemoryStore(reactor),
         )
-
-
-class _RawClient(Protocol):
-    """A TCP client that records what it receives and when it is cut off."""
-
-    def __init__(self) -> None:
-        self.lost: Deferred[None] = Deferred()
-        self.data = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost.callback(None)
-
-
-async def _raw_connect(port: int) -> _RawClient:
-    raw = _RawClient()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), raw)
-    return raw
 
 
 _HANDSHAKE = (
