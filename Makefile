@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Extra arguments for `make run`, e.g. make run ARGS="--store memory:"
 ARGS ?=
+# Extra arguments for `make bench`, e.g. make bench BENCH_ARGS="--runs 5"
+BENCH_ARGS ?=
+# Python 2.7 for the Autobahn|Testsuite; empty: fuzz/run.sh finds one
+PYTHON2 ?=
 
 .PHONY: run test lint format check-format typecheck bench fuzz clean
 
@@ -36,6 +40,14 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+## bench: measure steptrack beside the reference servers, as ratios (minutes; not part of test)
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## fuzz: run the Autobahn|Testsuite fuzzing client against a real daemon
+fuzz: $(STAMP)
+	PYTHON2='$(PYTHON2)' bash fuzz/run.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache

@@ -7,9 +7,12 @@ committing goes into the next one, up to a bounded size. Totals, ts and the
 ids of applied updates change in the same transaction, so a crash can never
 count an update without remembering its id, or the reverse.
 
-Reads never touch the disk: the store keeps an exact copy of the committed
-totals in memory (loaded at start), updated by the writer only after each
-commit, so a reader sees committed state and nothing else.
+Nothing is read from disk after start. The committed totals and the ids
+applied within the retention period are loaded into memory when the store
+starts and updated by the writer only after each commit: readers see
+committed state and nothing else, and telling a resend from a new update
+costs a dictionary lookup, not a B-tree search on disk. On disk, applied ids
+are an append-only log (cheap to write in order), pruned from its old end.
 
 This module knows SQLite and the store interface; it does not know how
 updates arrive or are read.
@@ -37,6 +40,7 @@ from zope.interface import implementer
 
 from .store import (
     DEFAULT_DEDUPE_RETENTION,
+    AppliedIds,
     IStepStore,
     Outcome,
     StoreClosed,
@@ -65,27 +69,26 @@ MIGRATIONS: Final[list[list[str]]] = [
         " steps INTEGER NOT NULL,"
         " ts NOT NULL"
         ") WITHOUT ROWID",
+        # In the order applied; read back into memory at start.
         "CREATE TABLE applied_ids ("
         " username TEXT NOT NULL,"
         " update_id TEXT NOT NULL,"
-        " applied_at REAL NOT NULL,"
-        " PRIMARY KEY (username, update_id)"
-        ") WITHOUT ROWID",
+        " applied_at REAL NOT NULL"
+        ")",
     ],
     # 1 -> 2: pruning old ids by time without scanning the table.
     ["CREATE INDEX applied_ids_by_time ON applied_ids (applied_at)"],
 ]
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_INSERT_ID = "INSERT OR IGNORE INTO applied_ids VALUES (?, ?, ?)"
-_DELETE_ID = "DELETE FROM applied_ids WHERE username = ? AND update_id = ?"
+_INSERT_ID = "INSERT INTO applied_ids VALUES (?, ?, ?)"
 _UPSERT_TOTAL = (
     "INSERT INTO totals VALUES (?, ?, ?) ON CONFLICT (username) "
     "DO UPDATE SET steps = excluded.steps, ts = excluded.ts"
 )
 _PRUNE = (
-    "DELETE FROM applied_ids WHERE (username, update_id) IN ("
-    " SELECT username, update_id FROM applied_ids"
+    "DELETE FROM applied_ids WHERE rowid IN ("
+    " SELECT rowid FROM applied_ids"
     " WHERE applied_at < ? ORDER BY applied_at LIMIT ?)"
 )
 
@@ -206,6 +209,8 @@ class SQLiteStore(Service):
         self._retention = dedupe_retention
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._totals: dict[str, tuple[int, int | float]] = {}
+        # Written by the writer thread only, after each commit.
+        self._applied_ids = AppliedIds()
         self._connection: sqlite3.Connection | None = None
         self._writer: threading.Thread | None = None
         self._pruning: LoopingCall | None = None
@@ -221,10 +226,20 @@ class SQLiteStore(Service):
         connection = open_database(self.path)
         for username, steps, ts in connection.execute("SELECT * FROM totals"):
             self._totals[username] = (steps, ts)
+        horizon = self._clock.seconds() - self._retention
+        key = AppliedIds.key
+        for username, update_id, applied_at in connection.execute(
+            "SELECT * FROM applied_ids WHERE applied_at >= ? ORDER BY rowid",
+            (horizon,),
+        ):
+            self._applied_ids.add(key(username, update_id), applied_at)
         self._connection = connection
         super().startService()
+        # A daemon thread, so that a process that never closes the store
+        # (a crash of the code around it) can still exit; close() is what
+        # commits what is pending.
         self._writer = threading.Thread(
-            target=self._write_loop, name="steptrack-sqlite-writer"
+            target=self._write_loop, name="steptrack-sqlite-writer", daemon=True
         )
         self._writer.start()
         self._pruning = LoopingCall(self.prune)
@@ -266,14 +281,8 @@ class SQLiteStore(Service):
 
     @property
     def remembered_ids(self) -> int:
-        """How many update ids are remembered (reads the database)."""
-        connection = sqlite3.connect(self.path)
-        try:
-            return int(
-                connection.execute("SELECT count(*) FROM applied_ids").fetchone()[0]
-            )
-        finally:
-            connection.close()
+        """How many applied update ids the store remembers right now."""
+        return len(self._applied_ids)
 
     def prune(self) -> None:
         """Ask the writer to forget expired ids, a bounded step at a time."""
@@ -319,7 +328,7 @@ class SQLiteStore(Service):
         self, connection: sqlite3.Connection, group: list[_Batch]
     ) -> None:
         try:
-            changed = self._write(connection, group)
+            changed, applied = self._write(connection, group)
         except Exception as e:
             self._rollback(connection)
             if not isinstance(e, sqlite3.Error):
@@ -334,57 +343,33 @@ class SQLiteStore(Service):
             return
         self._failures = 0
         # Only now, after the commit, do readers see the new totals.
+        self._applied_ids.update(applied)
         self._totals.update(changed)
         self._reactor.callFromThread(self._group_committed, group)
 
     def _write(
         self, connection: sqlite3.Connection, group: list[_Batch]
-    ) -> dict[str, tuple[int, int | float]]:
-        connection.execute("BEGIN IMMEDIATE")
-        ids = [
-            (update.username, update.update_id, batch.applied_at)
-            for batch in group
-            for update in batch.updates
-            if update.update_id is not None
-        ]
-        before = connection.total_changes
-        connection.executemany(_INSERT_ID, ids)
-        fresh = connection.total_changes - before == len(ids)
-        if not fresh:
-            # Some id was seen before: decide update by update, in order.
-            connection.execute("ROLLBACK")
-            connection.execute("BEGIN IMMEDIATE")
-        changed = self._apply_in_order(connection, group, fresh)
-        connection.executemany(
-            _UPSERT_TOTAL,
-            [(username, steps, ts) for username, (steps, ts) in changed.items()],
-        )
-        if self.before_commit is not None:
-            self.before_commit(connection)
-        connection.execute("COMMIT")
-        return changed
-
-    def _apply_in_order(
-        self, connection: sqlite3.Connection, group: list[_Batch], ids_inserted: bool
-    ) -> dict[str, tuple[int, int | float]]:
+    ) -> tuple[dict[str, tuple[int, int | float]], dict[str, float]]:
         """
-        Work out each update's outcome and the new totals. With
-        ``ids_inserted`` every id is new and already inserted; otherwise each
-        is inserted here, and a duplicate is found by the insert doing
-        nothing.
+        Work out each update's outcome and commit the group. Returns the new
+        totals and the newly applied ids, for the caller to publish.
         """
         committed = self._totals
+        remembered = self._applied_ids
         changed: dict[str, tuple[int, int | float]] = {}
-        refused_ids = []
+        applied: dict[str, float] = {}
+        rows = []
         for batch in group:
-            outcomes = batch.outcomes = []
+            outcomes: list[Outcome] = []
+            batch.outcomes = outcomes
+            applied_at = batch.applied_at
             for update in batch.updates:
                 username = update.username
-                if update.update_id is not None and not ids_inserted:
-                    inserted = connection.execute(
-                        _INSERT_ID, (username, update.update_id, batch.applied_at)
-                    ).rowcount
-                    if not inserted:
+                update_id = update.update_id
+                key = None
+                if update_id is not None:
+                    key = AppliedIds.key(username, update_id)
+                    if key in applied or key in remembered:
                         outcomes.append(Outcome.DUPLICATE)
                         continue
                 entry = changed.get(username) or committed.get(username)
@@ -394,23 +379,26 @@ class SQLiteStore(Service):
                     steps = entry[0] + update.new_steps
                     if steps > MAX_SAFE_INTEGER:
                         outcomes.append(Outcome.TOTAL_OVERFLOW)
-                        if update.update_id is not None:
-                            # Not applied, so not remembered either.
-                            if ids_inserted:
-                                refused_ids.append((username, update.update_id))
-                            else:
-                                connection.execute(
-                                    _DELETE_ID, (username, update.update_id)
-                                )
                         continue
                     ts = update.ts if update.ts > entry[1] else entry[1]
                     changed[username] = (steps, ts)
+                if key is not None:
+                    applied[key] = applied_at
+                    rows.append((username, update_id, applied_at))
                 outcomes.append(Outcome.APPLIED)
-        if refused_ids:
-            connection.executemany(_DELETE_ID, refused_ids)
-        return changed
+        connection.execute("BEGIN IMMEDIATE")
+        connection.executemany(_INSERT_ID, rows)
+        connection.executemany(
+            _UPSERT_TOTAL,
+            [(username, steps, ts) for username, (steps, ts) in changed.items()],
+        )
+        if self.before_commit is not None:
+            self.before_commit(connection)
+        connection.execute("COMMIT")
+        return changed, applied
 
     def _prune_step(self, connection: sqlite3.Connection, prune: _Prune) -> None:
+        forgotten = self._applied_ids.forget_before(prune.horizon, prune.limit)
         try:
             connection.execute("BEGIN IMMEDIATE")
             deleted = connection.execute(_PRUNE, (prune.horizon, prune.limit)).rowcount
@@ -425,8 +413,10 @@ class SQLiteStore(Service):
                 error=str(e),
             )
             return
-        if deleted == prune.limit:
-            self._queue.put(prune)
+        if prune.limit in (deleted, forgotten):
+            # More is due: go on at the reactor's next turn, as a new step
+            # behind whatever arrived meanwhile.
+            self._reactor.callFromThread(self._clock.callLater, 0, self.prune)
 
     @staticmethod
     def _rollback(connection: sqlite3.Connection) -> None:

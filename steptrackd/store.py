@@ -14,9 +14,7 @@ listeners and every connection have gone.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
 from collections.abc import Sequence
-from itertools import islice
 from typing import Any, Final, NamedTuple
 
 from twisted.application.service import IService, Service
@@ -92,6 +90,50 @@ class IStepStore(IService):
 _log = Logger()
 
 
+class AppliedIds:
+    """
+    The ids of the updates applied within the retention period, with when
+    each was applied, oldest first, so that expired ones are forgotten from
+    the front in bounded steps.
+
+    A key is the username and the update_id joined by a NUL, which cannot
+    occur in a valid username: one short string per id costs far less
+    memory than a tuple of two.
+    """
+
+    def __init__(self) -> None:
+        # Insertion order is application order: dicts keep it.
+        self._applied_at: dict[str, float] = {}
+
+    @staticmethod
+    def key(username: str, update_id: str) -> str:
+        return f"{username}\0{update_id}"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._applied_at
+
+    def __len__(self) -> int:
+        return len(self._applied_at)
+
+    def add(self, key: str, applied_at: float) -> None:
+        self._applied_at[key] = applied_at
+
+    def update(self, applied: dict[str, float]) -> None:
+        self._applied_at.update(applied)
+
+    def forget_before(self, horizon: float, limit: int) -> int:
+        """Forget up to ``limit`` ids applied before ``horizon``; say how many."""
+        applied_at = self._applied_at
+        due: list[str] = []
+        for key, when in applied_at.items():
+            if when >= horizon or len(due) == limit:
+                break
+            due.append(key)
+        for key in due:
+            del applied_at[key]
+        return len(due)
+
+
 @implementer(IStepStore)
 class MemoryStore(Service):
     """
@@ -118,8 +160,7 @@ class MemoryStore(Service):
         self._retention = dedupe_retention
         # username -> [cumulative steps, greatest ts]
         self._totals: dict[str, list[int | float]] = {}
-        # (username, update_id) -> when it was applied, oldest first
-        self._applied_ids: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._applied_ids = AppliedIds()
         self._pruning: LoopingCall | None = None
         self._closed = False
 
@@ -159,7 +200,7 @@ class MemoryStore(Service):
         for update in updates:
             username = update.username
             if update.update_id is not None:
-                key = (username, update.update_id)
+                key = AppliedIds.key(username, update.update_id)
                 if key in applied_ids:
                     outcomes.append(Outcome.DUPLICATE)
                     continue
@@ -177,7 +218,7 @@ class MemoryStore(Service):
                 if update.ts > entry[1]:
                     entry[1] = update.ts
             if key is not None:
-                applied_ids[key] = now
+                applied_ids.add(key, now)
             outcomes.append(Outcome.APPLIED)
         return outcomes
 
@@ -198,15 +239,8 @@ class MemoryStore(Service):
         """
         try:
             horizon = self._clock.seconds() - self._retention
-            applied_ids = self._applied_ids
-            due = [
-                key
-                for key, applied_at in islice(applied_ids.items(), self.prune_batch)
-                if applied_at < horizon
-            ]
-            for key in due:
-                del applied_ids[key]
-            if len(due) == self.prune_batch and not self._closed:
+            forgotten = self._applied_ids.forget_before(horizon, self.prune_batch)
+            if forgotten == self.prune_batch and not self._closed:
                 self._clock.callLater(0, self.prune)
         except Exception:
             # A failure must not end the periodic job (LoopingCall stops on

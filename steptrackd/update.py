@@ -51,10 +51,14 @@ class InvalidUpdate(Exception):
     explanation for the log (never a copy of the payload).
     """
 
-    def __init__(self, reason: Reason, detail: str) -> None:
+    def __init__(
+        self, reason: Reason, detail: str, update_id: str | None = None
+    ) -> None:
         super().__init__(reason, detail)
         self.reason = reason
         self.detail = detail
+        self.update_id = update_id
+        """The update's id, when it has a readable one (protocol v2 replies)."""
 
 
 class Update(msgspec.Struct, frozen=True, gc=False):
@@ -80,7 +84,8 @@ _Username = Annotated[
     msgspec.Meta(
         min_length=1,
         max_length=MAX_USERNAME_LENGTH,
-        pattern="^[^\x00-\x1f\x7f]+$",
+        # \Z, not $: "$" also matches before a final newline.
+        pattern="^[^\x00-\x1f\x7f]+\\Z",
     ),
 ]
 _Ts = (
@@ -180,6 +185,7 @@ class UpdateDecoder:
         try:
             update = self.decode(payload)
         except InvalidUpdate as invalid:
+            invalid.update_id = update_id_of(payload)
             return invalid
         if update.update_id is None:
             return InvalidUpdate(

@@ -32,7 +32,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from . import __version__
 from .rejections import RejectionCounter
 from .store import IStepStore, Outcome, StoreWriteFailed
-from .update import InvalidUpdate, Reason, Update, UpdateDecoder, update_id_of
+from .update import InvalidUpdate, Reason, Update, UpdateDecoder
 
 CLOSE_GOING_AWAY = 1001
 SUBPROTOCOL_V2: Final = "steptrack.v2"
@@ -98,6 +98,8 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         self._seq = 0
         self._in_flight = 0
         self._paused = False
+        self._open_when_read_began = False
+        self._drop_deadline: IDelayedCall | None = None
         self.closed: Deferred[None] = Deferred()
         """Fires once the TCP connection is gone."""
 
@@ -118,17 +120,40 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             super().connectionLost(reason)
         finally:
             self.factory.connections.discard(self)
+            if self._drop_deadline is not None and self._drop_deadline.active():
+                self._drop_deadline.cancel()
             self.closed.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's own dataReceived only adds a debug log line per read.
         # Version 1 messages completed by this read are collected by
         # onMessageEnd and go to the store together, in order, afterwards.
+        self._open_when_read_began = self.state in (
+            self.STATE_CONNECTING,
+            self.STATE_OPEN,
+        )
         try:
             self._dataReceived(data)
         finally:
+            self._open_when_read_began = False
             if self._pending:
                 self._flush()
+
+    def dropConnection(self, abort: bool = False) -> None:
+        # A close frame that breaks the rules (a reserved code, a reason that
+        # is not UTF-8, a length of 1) makes Autobahn send its own 1002 or
+        # 1007 close, and then take the bad frame for the answer to that
+        # close and abort the TCP connection, which throws away the close
+        # frame it has just queued. When that happens within one read,
+        # close gracefully instead, so that the client learns the code, and
+        # abort only if the close frame cannot be delivered in time.
+        if abort and self._open_when_read_began and self.transport is not None:
+            abort = False
+            self._drop_deadline = self.factory.reactor.callLater(
+                self.factory.close_timeout or 1.0,
+                cast(ITCPTransport, self.transport).abortConnection,
+            )
+        super().dropConnection(abort=abort)
 
     def onMessageEnd(self) -> None:
         # Replaces Autobahn's onMessageEnd, which would also fire a
@@ -174,9 +199,7 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         for index, item in enumerate(items):
             if isinstance(item, InvalidUpdate):
                 self._count(item)
-                rejected.append(
-                    Rejection(index, _item_id(payload, index, items), item.reason.value)
-                )
+                rejected.append(Rejection(index, item.update_id, item.reason.value))
             else:
                 pending.applied.append((index, item))
         if not pending.applied:
@@ -258,16 +281,6 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
 
-def _item_id(
-    payload: bytes, index: int, items: list[Update | InvalidUpdate]
-) -> str | None:
-    """The update_id of the invalid item at ``index``, if it has one."""
-    if len(items) == 1 and payload.lstrip()[:1] != b"[":
-        return update_id_of(payload)
-    raw = msgspec.json.decode(payload, type=list[msgspec.Raw])[index]
-    return update_id_of(raw)
-
-
 class StepUpdateFactory(WebSocketServerFactory):
     """
     Makes device connections that all feed one store, with the protocol
@@ -296,6 +309,7 @@ class StepUpdateFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(server=f"steptrack/{__version__}", reactor=reactor)
         self.max_batch = max_batch
+        self.close_timeout = close_timeout
         self.store = store
         self.rejections = rejections
         self.decoder = decoder if decoder is not None else UpdateDecoder()

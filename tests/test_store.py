@@ -28,6 +28,7 @@ from zope.interface import implementer
 from steptrackd.sqlite_store import SQLiteStore
 from steptrackd.store import (
     DEFAULT_DEDUPE_RETENTION,
+    AppliedIds,
     IStepStore,
     MemoryStore,
     Outcome,
@@ -267,12 +268,12 @@ def test_a_failing_prune_does_not_end_pruning(monkeypatch: pytest.MonkeyPatch) -
     calls = []
     real = store._applied_ids
 
-    class Exploding(dict[Any, Any]):
-        def items(self) -> Any:
+    class Exploding(AppliedIds):
+        def forget_before(self, horizon: float, limit: int) -> int:
             calls.append(1)
             raise RuntimeError("boom")
 
-    store._applied_ids = Exploding()  # type: ignore[assignment]
+    store._applied_ids = Exploding()
     clock.advance(store.prune_interval)
     assert calls == [1]
     store._applied_ids = real

@@ -94,6 +94,7 @@ def test_top_level_must_be_an_object(payload: bytes) -> None:
         "a\x00b",
         "tab\there",
         "new\nline",
+        "trailing newline\n",
         "\x1f",
         "del\x7f",
     ],

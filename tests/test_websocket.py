@@ -86,8 +86,14 @@ HANDSHAKE = (
 class _Transport(StringTransport):
     """A StringTransport that, like a real one, lets go of no producer."""
 
+    aborted = False
+
     def unregisterProducer(self) -> None:
         self.producer = None
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
 
 
 class Device:
@@ -565,3 +571,23 @@ def test_reading_pauses_while_the_store_lags() -> None:
     for i in range(MAX_IN_FLIGHT // 2 + 1):
         store.release(i)
     assert device.transport.producerState == "producing"
+
+
+@pytest.mark.parametrize(
+    ("close_payload", "expected"),
+    [
+        (struct.pack("!H", 999), 1002),
+        (struct.pack("!H", 1005), 1002),
+        (b"\x03", 1002),
+        (struct.pack("!H", 1000) + b"\xff\xfe", 1007),
+    ],
+)
+def test_bad_close_frame_is_answered_with_a_code(
+    adapter: Adapter, close_payload: bytes, expected: int
+) -> None:
+    """A close frame that breaks RFC 6455 is answered with 1002/1007, not a reset."""
+    device = adapter.device()
+    written = device.send(frame(close_payload, CLOSE))
+    assert close_code(written) == expected
+    # Aborting would discard the close frame before it reaches the client.
+    assert not device.transport.aborted

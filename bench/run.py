@@ -1,0 +1,925 @@
+#!/usr/bin/env python3
+"""
+``make bench``: steptrack measured side by side with the two reference
+servers, reported as medians and ratios.
+
+One run starts four servers on free ports of 127.0.0.1 (node-ref and
+fastapi-ref from the shared folder, steptrack with the memory store and with
+the default durable SQLite store), then, round after round, runs every load
+against every server it applies to:
+
+- ``ingest-c16`` / ``ingest-c1``: the shared ``stepload.py ingest``, one
+  update per frame (protocol version 1), on 16 connections and 1000 users,
+  and on 1 connection and 100 users;
+- ``v2-c16-b100``: ``bench/v2load.py``, protocol version 2 batches of 100
+  updates, 16 connections, 1000 users (steptrack only);
+- ``query-c16``: ``stepload.py query``, GETs on 16 keep-alive connections.
+
+Every run's JSON goes to ``bench/results/DATE/raw.jsonl`` as it finishes;
+the tables go to ``bench/results/DATE/report.md`` and stdout. Older dated
+folders in ``bench/results/`` are removed once the new report is written, so
+only the latest run is there to commit.
+
+This script only measures: it never changes the servers it starts, and a
+failed check is reported, not retried. The reference servers' dependencies
+are installed into ``bench/.cache/`` (copies of their sources; the shared
+folder is read-only), and reinstalled when their sources change. Standard
+library only.
+
+Exit status: 0 every run passed its checks; 1 a run failed a check or a
+server could not be set up (the report says which); 2 the benchmark itself
+could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+BENCH = REPOSITORY / "bench"
+CACHE = BENCH / ".cache"
+CLIENT_TIMEOUT_S = 120
+"""--timeout given to the load clients: the bound on one timed phase."""
+CLIENT_WALL_LIMIT_S = 300
+"""A client process still running after this long is killed."""
+START_LIMIT_S = 30.0
+STOP_LIMIT_S = 10.0
+DATED = re.compile(r"\d{4}-\d{2}-\d{2}")
+MISSING = "-"
+"""A table cell with no number."""
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """The benchmark cannot run at all (no shared folder, no steptrack)."""
+
+
+class Unavailable(Exception):
+    """One server cannot be set up; the others are still measured."""
+
+
+# -- the reference servers, installed in the cache -------------------------
+
+
+def source_digest(folder: Path) -> str:
+    """A digest of every file an anchor ships, to notice when one changes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if relative.parts[0] in ("node_modules", ".venv"):
+            continue
+        digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def install_anchor(
+    name: str, source: Path, install: Callable[[Path, TextIO], None], log: TextIO
+) -> Path:
+    """
+    A copy of the anchor ``source`` under the cache with its dependencies
+    installed by ``install``. Reused while the sources are unchanged.
+    """
+    if not source.is_dir():
+        raise Unavailable(f"{source} does not exist")
+    target = CACHE / "anchors" / name
+    stamp = target / ".bench-installed"
+    digest = source_digest(source)
+    if stamp.is_file() and stamp.read_text() == digest:
+        return target
+    say(f"installing {name} into {target}")
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(
+        source,
+        target,
+        ignore=shutil.ignore_patterns("node_modules", ".venv"),
+        copy_function=shutil.copyfile,
+    )
+    # The shared folder is read-only and copytree copies directory modes.
+    for folder in [target, *(p for p in target.rglob("*") if p.is_dir())]:
+        folder.chmod(0o755)
+    install(target, log)
+    stamp.write_text(digest)
+    return target
+
+
+def run_logged(command: list[str], cwd: Path, log: TextIO, limit: float) -> None:
+    log.write(f"$ {' '.join(command)}\n")
+    log.flush()
+    try:
+        done = subprocess.run(
+            command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, timeout=limit
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise Unavailable(f"{command[0]}: {error}") from None
+    if done.returncode != 0:
+        raise Unavailable(f"{' '.join(command)} exited {done.returncode}")
+
+
+def install_node_ref(target: Path, log: TextIO) -> None:
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        raise Unavailable("node or npm is not on PATH")
+    run_logged([npm, "ci", "--no-audit", "--no-fund"], target, log, 600)
+
+
+def install_fastapi_ref(target: Path, log: TextIO) -> None:
+    python = shutil.which("python3") or sys.executable
+    run_logged([python, "-m", "venv", ".venv"], target, log, 120)
+    pip = str(target / ".venv" / "bin" / "pip")
+    run_logged([pip, "install", "--quiet", "-r", "requirements.txt"], target, log, 600)
+
+
+# -- servers ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Server:
+    """One server under test: how to start it, and the process once started."""
+
+    name: str
+    cwd: Path
+    command: Callable[[int, int], list[str]]
+    """The command line, given the WebSocket port and the REST port."""
+    logs: Path
+    process: subprocess.Popen[bytes] | None = None
+    ws_port: int = 0
+    http_port: int = 0
+    starts: int = 0
+    exit_codes: list[int | None] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        self.starts += 1
+        self.ws_port, self.http_port = free_port(), free_port()
+        log_path = self.logs / f"{self.name.replace(' ', '-')}-{self.starts}.log"
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(self.ws_port, self.http_port),
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_LIMIT_S
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise Unavailable(
+                    f"{self.name} exited at start ({self.process.returncode}); "
+                    f"see {log_path}"
+                )
+            if accepts(self.ws_port) and accepts(self.http_port):
+                say(
+                    f"{self.name}: pid {self.pid}, ws {self.ws_port}, "
+                    f"http {self.http_port}"
+                )
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise Unavailable(f"{self.name} did not listen within {START_LIMIT_S}s")
+
+    def stop(self) -> None:
+        """SIGTERM to this server's PID; SIGKILL if it is still there later."""
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_LIMIT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(STOP_LIMIT_S)
+        self.exit_codes.append(process.returncode)
+
+
+# -- loads -----------------------------------------------------------------
+
+
+def flags(**values: object) -> list[str]:
+    """``--name value`` pairs; an underscore in a name becomes a dash."""
+    return [
+        text
+        for name, value in values.items()
+        for text in (f"--{name.replace('_', '-')}", str(value))
+    ]
+
+
+@dataclass(frozen=True)
+class Load:
+    key: str
+    title: str
+    metric: str
+    """The field of the client's JSON that is the result."""
+    client: list[str]
+    """The client's command line up to its options."""
+    options: list[str]
+    steptrack_only: bool = False
+
+    def command(self, server: Server) -> list[str]:
+        """The client's command line against ``server``, which is running."""
+        return [
+            *self.client,
+            *flags(
+                ws=f"ws://127.0.0.1:{server.ws_port}",
+                http=f"http://127.0.0.1:{server.http_port}",
+                pid=server.pid,
+                timeout=CLIENT_TIMEOUT_S,
+            ),
+            *self.options,
+        ]
+
+
+def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
+    stepload = [sys.executable, str(shared_bench / "stepload.py")]
+    v2load = [sys.executable, str(BENCH / "v2load.py")]
+    updates = settings.updates
+    return [
+        Load(
+            "ingest-c16",
+            "ingest v1, C=16, U=1000",
+            "updates_per_s",
+            [*stepload, "ingest"],
+            flags(connections=16, users=1000, updates=updates),
+        ),
+        Load(
+            "ingest-c1",
+            "ingest v1, C=1, U=100",
+            "updates_per_s",
+            [*stepload, "ingest"],
+            flags(connections=1, users=100, updates=updates),
+        ),
+        Load(
+            "v2-c16-b100",
+            "ingest v2 batches of 100, C=16, U=1000",
+            "updates_per_s",
+            v2load,
+            flags(connections=16, users=1000, batch=100, updates=updates),
+            steptrack_only=True,
+        ),
+        Load(
+            "query-c16",
+            "query, C=16, 100 users",
+            "requests_per_s",
+            [*stepload, "query"],
+            flags(connections=16, users=100, prefix="q", requests=settings.requests),
+        ),
+    ]
+
+
+def run_client(command: list[str]) -> tuple[int | None, dict[str, Any], float]:
+    """(exit status, the last JSON line of stdout, wall seconds)."""
+    began = time.monotonic()
+    try:
+        done = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=CLIENT_WALL_LIMIT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return None, {"ok": False, "error": "the client was killed"}, 0.0
+    wall = time.monotonic() - began
+    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+        if not isinstance(result, dict):
+            raise ValueError("not an object")
+    except (IndexError, ValueError):
+        tail = done.stderr.decode("utf-8", "replace").strip()[-500:]
+        result = {"ok": False, "error": f"no JSON result; stderr ended: {tail!r}"}
+    return done.returncode, result, wall
+
+
+# -- what was measured on ---------------------------------------------------
+
+
+def command_output(command: list[str], cwd: Path = REPOSITORY) -> str | None:
+    try:
+        done = subprocess.run(
+            command, cwd=cwd, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the file system ``path`` is on (ext4, tmpfs, ...)."""
+    best, kind = "", "?"
+    with contextlib.suppress(OSError), open("/proc/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            _device, point, fstype, *_ = line.split()
+            inside = str(path).startswith(point.rstrip("/") + "/")
+            if (inside or str(path) == point) and len(point) > len(best):
+                best, kind = point, fstype
+    return kind
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def package_versions(names: list[str]) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def anchor_versions(folders: dict[str, Path]) -> dict[str, str]:
+    versions: dict[str, str] = {}
+    node = folders.get("node-ref")
+    if node is not None:
+        versions["node"] = command_output(["node", "--version"]) or "?"
+        versions["npm"] = command_output(["npm", "--version"]) or "?"
+        for package in ("ws", "express"):
+            manifest = node / "node_modules" / package / "package.json"
+            with contextlib.suppress(OSError, ValueError):
+                versions[package] = json.loads(manifest.read_text())["version"]
+    fastapi = folders.get("fastapi-ref")
+    if fastapi is not None:
+        script = (
+            "import importlib.metadata as m, json, platform; print(json.dumps("
+            "{'fastapi-ref python': platform.python_version(), **{n: m.version(n)"
+            " for n in ('fastapi', 'uvicorn', 'starlette', 'pydantic',"
+            " 'websockets', 'uvloop', 'httptools')}}))"
+        )
+        found = command_output([str(fastapi / ".venv/bin/python"), "-c", script])
+        with contextlib.suppress(TypeError, ValueError):
+            versions.update(json.loads(found or ""))
+    return versions
+
+
+# -- the report --------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    round: int
+    server: str
+    load: str
+    exit_code: int | None
+    wall_s: float
+    result: dict[str, Any]
+
+
+def median_of(records: list[Record], metric: str) -> float | None:
+    values = [r.result[metric] for r in records if r.result.get("ok")]
+    return statistics.median(values) if values else None
+
+
+def thousands(value: float | None) -> str:
+    return MISSING if value is None else f"{value:,.0f}"
+
+
+def ratio_text(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or not denominator:
+        return MISSING
+    return f"{numerator / denominator:.2f}"
+
+
+@dataclass
+class Report:
+    servers: list[str]
+    loads: list[Load]
+    records: list[Record]
+    unavailable: dict[str, str]
+    events: list[str]
+    """What went wrong outside the loads: servers that died, for one."""
+    runs: int
+
+    def of(self, server: str, load: str) -> list[Record]:
+        return [r for r in self.records if r.server == server and r.load == load]
+
+    def median(self, server: str, load: str) -> float | None:
+        metric = next(x.metric for x in self.loads if x.key == load)
+        return median_of(self.of(server, load), metric)
+
+    def cell(self, server: str, load: Load) -> str:
+        if load.steptrack_only and not server.startswith("steptrack"):
+            return "n/a"
+        if server in self.unavailable:
+            return "unavailable"
+        records = self.of(server, load.key)
+        passed = sum(1 for r in records if r.result.get("ok"))
+        text = thousands(median_of(records, load.metric))
+        if passed < len(records) or not records:
+            text += f" ({passed}/{len(records)} ok)"
+        return text
+
+    def medians_table(self) -> list[str]:
+        lines = [
+            "| load | unit | " + " | ".join(self.servers) + " |",
+            "|---|---|" + "---:|" * len(self.servers),
+        ]
+        for load in self.loads:
+            unit = "updates/s" if load.metric == "updates_per_s" else "requests/s"
+            cells = " | ".join(self.cell(server, load) for server in self.servers)
+            lines.append(f"| {load.title} | {unit} | {cells} |")
+        return lines
+
+    def ratios_table(self) -> list[str]:
+        steptracks = [s for s in self.servers if s.startswith("steptrack")]
+        header = ["load"]
+        for mine in steptracks:
+            header += [f"{mine} ÷ node-ref", f"{mine} ÷ fastapi-ref"]
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|---|" + "---:|" * (len(header) - 1),
+        ]
+        for load in self.loads:
+            # v2 has no counterpart on the anchors: it is compared with
+            # their v1 ingest of the same shape (16 connections, 1000 users).
+            theirs = "ingest-c16" if load.steptrack_only else load.key
+            title = load.title + (" vs their v1 C=16" if load.steptrack_only else "")
+            cells = []
+            for mine in steptracks:
+                for anchor in ("node-ref", "fastapi-ref"):
+                    cells.append(
+                        ratio_text(
+                            self.median(mine, load.key), self.median(anchor, theirs)
+                        )
+                    )
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        return lines
+
+    def targets_table(self) -> list[str]:
+        memory, durable = "steptrack memory", "steptrack sqlite"
+        rows = [
+            (
+                "sqlite v1 ÷ memory v1, ingest C=16 U=1000",
+                self.median(durable, "ingest-c16"),
+                self.median(memory, "ingest-c16"),
+                0.5,
+            ),
+            (
+                "sqlite v1 ÷ memory v1, ingest C=1 U=100",
+                self.median(durable, "ingest-c1"),
+                self.median(memory, "ingest-c1"),
+                0.5,
+            ),
+            (
+                "sqlite v2(100) ÷ node-ref v1, ingest C=16 U=1000",
+                self.median(durable, "v2-c16-b100"),
+                self.median("node-ref", "ingest-c16"),
+                1.0,
+            ),
+            (
+                "memory v2(100) ÷ node-ref v1, ingest C=16 U=1000",
+                self.median(memory, "v2-c16-b100"),
+                self.median("node-ref", "ingest-c16"),
+                None,
+            ),
+        ]
+        lines = ["| ratio | value | target | met |", "|---|---:|---|---|"]
+        for title, numerator, denominator, goal in rows:
+            value = ratio_text(numerator, denominator)
+            if goal is None:
+                target, met = "(for reference)", ""
+            elif value == MISSING:
+                target, met = f"≥ {goal:g}", "unknown"
+            else:
+                target = f"≥ {goal:g}"
+                met = "yes" if float(value) >= goal else "**no**"
+            lines.append(f"| {title} | {value} | {target} | {met} |")
+        return lines
+
+    def noise_table(self) -> list[str]:
+        lines = [
+            "| load | server | ok | min | max | client CPU share, max "
+            "| server CPU share, median | other CPU s, max |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for load in self.loads:
+            for server in self.servers:
+                records = self.of(server, load.key)
+                if not records:
+                    continue
+                values = [r.result[load.metric] for r in records if r.result.get("ok")]
+
+                def numbers(name: str, records: list[Record] = records) -> list[float]:
+                    found = (r.result.get(name) for r in records)
+                    return [v for v in found if isinstance(v, (int, float))]
+
+                client = numbers("client_cpu_share")
+                server_share = numbers("server_cpu_share")
+                other = numbers("other_cpu_s")
+                passed = len(values)
+                lines.append(
+                    f"| {load.key} | {server} | {passed}/{len(records)} "
+                    f"| {thousands(min(values) if values else None)} "
+                    f"| {thousands(max(values) if values else None)} "
+                    f"| {max(client) if client else MISSING} "
+                    f"| {statistics.median(server_share) if server_share else MISSING} "
+                    f"| {max(other) if other else MISSING} |"
+                )
+        return lines
+
+    def failures(self) -> list[str]:
+        lines = []
+        for r in self.records:
+            if r.result.get("ok"):
+                continue
+            interesting = {
+                k: v
+                for k, v in r.result.items()
+                if k in FAILURE_FIELDS and v not in (0, None, [], {}, False)
+            }
+            lines.append(
+                f"- round {r.round}, {r.server}, {r.load}: exit {r.exit_code}, "
+                f"`{json.dumps(interesting)}`"
+            )
+        for server, why in self.unavailable.items():
+            lines.append(f"- {server} unavailable: {why}")
+        lines += [f"- {event}" for event in self.events]
+        return lines
+
+
+FAILURE_FIELDS = {
+    "error",
+    "timed_out",
+    "stalled",
+    "mismatched_users",
+    "missing_users",
+    "ts_mismatched_users",
+    "late_users",
+    "lost_steps",
+    "excess_steps",
+    "closed_by_server",
+    "close_reasons",
+    "rejected",
+    "retry",
+    "unacked",
+    "duplicate_acks",
+    "unknown_acks",
+    "bad_replies",
+    "out_of_order_replies",
+    "mismatched_replies",
+    "missing_replies",
+    "non_200",
+    "connection_errors",
+    "failure_samples",
+}
+
+
+# -- the run ---------------------------------------------------------------
+
+
+def raise_open_files_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard one; the servers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def running(servers: list[Server]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument(
+        "--updates", type=int, default=200_000, help="updates per ingest run"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=100_000, help="GETs per query run"
+    )
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        default=Path(os.environ.get("STEPTRACK_SHARED", REPOSITORY.parent / "shared")),
+        help="the shared folder (default: $STEPTRACK_SHARED, else ../shared)",
+    )
+    parser.add_argument("--results", type=Path, default=BENCH / "results")
+    settings = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        return measure(settings)
+    except BenchError as error:
+        say(f"cannot run: {error}")
+        return 2
+
+
+def measure(settings: argparse.Namespace) -> int:
+    began = time.monotonic()
+    shared = settings.shared.resolve()
+    stepload = shared / "bench" / "stepload.py"
+    twistd = Path(sys.executable).parent / "twistd"
+    if not stepload.is_file():
+        raise BenchError(f"{stepload} not found; set STEPTRACK_SHARED")
+    if not twistd.is_file():
+        raise BenchError(f"{twistd} not found; run this with the project's .venv")
+    if settings.runs < 1 or settings.updates < 1 or settings.requests < 1:
+        raise BenchError("--runs, --updates and --requests must be at least 1")
+    today = datetime.date.today().isoformat()
+    out = settings.results / today
+    out.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Keeps the cache out of git, and so out of ruff, even before the
+    # repository's .gitignore names it.
+    (CACHE / ".gitignore").write_text("*\n")
+    logs = CACHE / "logs"
+    if logs.exists():
+        shutil.rmtree(logs)
+    logs.mkdir()
+    nofile = raise_open_files_limit()
+    anchors, unavailable = install_anchors(shared / "anchors", logs)
+
+    scratch = Path(tempfile.mkdtemp(prefix="steptrack-bench-"))
+    try:
+        servers = servers_to_measure(anchors, twistd, scratch, logs)
+        bench = Rounds(servers, loads(shared / "bench", settings), unavailable)
+        with running(servers), (out / "raw.jsonl").open("w") as raw:
+            bench.run(settings.runs, raw)
+        database_mb = sum(
+            p.stat().st_size for p in scratch.glob("bench.sqlite3*") if p.is_file()
+        ) / (1024 * 1024)
+        fs_type = filesystem_of(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    elapsed = time.monotonic() - began
+
+    exits = {s.name: s.exit_codes for s in servers if s.name.startswith("steptrack")}
+    report = Report(
+        [server.name for server in servers],
+        bench.loads,
+        bench.records,
+        unavailable,
+        bench.events,
+        settings.runs,
+    )
+    environment = describe(anchors, settings, nofile, fs_type, database_mb, elapsed)
+    text = render(report, environment, exits)
+    (out / "report.md").write_text(text)
+    print(text, flush=True)
+    for old in settings.results.iterdir():
+        if old.is_dir() and DATED.fullmatch(old.name) and old.name != today:
+            shutil.rmtree(old)
+    say(f"wrote {out / 'report.md'} and raw.jsonl in {elapsed:.0f}s")
+    all_ok = all(r.result.get("ok") for r in bench.records)
+    clean_exits = all(code == 0 for codes in exits.values() for code in codes)
+    return 0 if all_ok and clean_exits and not unavailable and not bench.events else 1
+
+
+def install_anchors(
+    anchors: Path, logs: Path
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """(where each reference server is ready to run, why others are not)."""
+    ready: dict[str, Path] = {}
+    unavailable: dict[str, str] = {}
+    with (logs / "install.log").open("w") as log:
+        for name, install in (
+            ("node-ref", install_node_ref),
+            ("fastapi-ref", install_fastapi_ref),
+        ):
+            try:
+                ready[name] = install_anchor(name, anchors / name, install, log)
+            except (Unavailable, OSError) as error:
+                unavailable[name] = str(error)
+                say(f"{name} unavailable: {error}")
+    return ready, unavailable
+
+
+def servers_to_measure(
+    anchors: dict[str, Path], twistd: Path, scratch: Path, logs: Path
+) -> list[Server]:
+    def steptrack(store: str) -> Callable[[int, int], list[str]]:
+        return lambda ws, rest: [
+            str(twistd),
+            "--nodaemon",
+            "--pidfile=",
+            "steptrack",
+            *flags(
+                ws_listen=f"tcp:{ws}:interface=127.0.0.1",
+                rest_listen=f"tcp:{rest}:interface=127.0.0.1",
+                store=store,
+            ),
+        ]
+
+    def anchor(*program: str) -> Callable[[int, int], list[str]]:
+        return lambda ws, rest: [
+            *program,
+            *flags(ws_port=ws, http_port=rest, host="127.0.0.1"),
+        ]
+
+    # An anchor that could not be installed is never started; its folder
+    # is only a placeholder.
+    node = anchors.get("node-ref", scratch)
+    fastapi = anchors.get("fastapi-ref", scratch)
+    database = scratch / "bench.sqlite3"
+    return [
+        Server("node-ref", node, anchor("node", "server.js"), logs),
+        Server(
+            "fastapi-ref",
+            fastapi,
+            anchor(str(fastapi / ".venv/bin/python"), "server.py"),
+            logs,
+        ),
+        Server("steptrack memory", REPOSITORY, steptrack("memory:"), logs),
+        Server("steptrack sqlite", REPOSITORY, steptrack(f"sqlite:{database}"), logs),
+    ]
+
+
+@dataclass
+class Rounds:
+    """Every load against every server it applies to, round after round."""
+
+    servers: list[Server]
+    loads: list[Load]
+    unavailable: dict[str, str]
+    records: list[Record] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+    def run(self, runs: int, raw: TextIO) -> None:
+        for server in self.servers:
+            if server.name not in self.unavailable:
+                self._start(server)
+        for round_number in range(1, runs + 1):
+            # Turn the order each round, so no server always goes first.
+            shift = (round_number - 1) % len(self.servers)
+            order = self.servers[shift:] + self.servers[:shift]
+            for load in self.loads:
+                for server in order:
+                    if server.name in self.unavailable or (
+                        load.steptrack_only and not server.name.startswith("steptrack")
+                    ):
+                        continue
+                    record = measure_once(server, load, round_number)
+                    self.records.append(record)
+                    raw.write(json.dumps(record.__dict__) + "\n")
+                    raw.flush()
+                    if not server.alive():
+                        event = (
+                            f"{server.name} died during round {round_number} "
+                            f"of {load.key}; restarted"
+                        )
+                        self.events.append(event)
+                        raw.write(json.dumps({"event": event}) + "\n")
+                        say(f"!! {event}")
+                        server.stop()
+                        self._start(server)
+
+    def _start(self, server: Server) -> None:
+        try:
+            server.start()
+        except Unavailable as error:
+            self.unavailable[server.name] = str(error)
+            say(f"{server.name} unavailable: {error}")
+
+
+def measure_once(server: Server, load: Load, round_number: int) -> Record:
+    exit_code, result, wall = run_client(load.command(server))
+    shown = result.get(load.metric)
+    verdict = "ok" if result.get("ok") else "FAILED"
+    say(
+        f"round {round_number} {load.key:<12} {server.name:<17} {verdict:<6} "
+        f"{thousands(shown):>9}  client CPU {result.get('client_cpu_share')}"
+    )
+    return Record(
+        round_number, server.name, load.key, exit_code, round(wall, 2), result
+    )
+
+
+def describe(
+    anchors: dict[str, Path],
+    settings: argparse.Namespace,
+    nofile: int,
+    fs_type: str,
+    database_mb: float,
+    elapsed: float,
+) -> list[str]:
+    commit = command_output(["git", "rev-parse", "HEAD"]) or "?"
+    changed = command_output(["git", "diff", "--name-only", "HEAD"])
+    changed_files = ", ".join(f"`{name}`" for name in (changed or "").splitlines())
+    memory_kb = 0
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as info:
+        memory_kb = int(info.readline().split()[1])
+    steptrack = package_versions(
+        ["steptrack", "twisted", "autobahn", "klein", "msgspec"]
+    )
+    others = anchor_versions(anchors)
+    return [
+        f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
+        f"whole run {elapsed / 60:.1f} min",
+        f"- git commit: `{commit}`"
+        + (f"; uncommitted changes measured too: {changed_files}" if changed else ""),
+        f"- machine: {os.cpu_count()} cores ({cpu_model()}), "
+        f"{memory_kb / 1024 / 1024:.0f} GiB, Linux {platform.release()}; "
+        f"open files limit {nofile}",
+        f"- Python {platform.python_version()} (steptrack and the load clients); "
+        + ", ".join(f"{k} {v}" for k, v in steptrack.items())
+        + f"; SQLite {sqlite3.sqlite_version}",
+        "- reference servers: "
+        + (", ".join(f"{k} {v}" for k, v in others.items()) or "none"),
+        f"- sizes: {settings.runs} runs of each load; {settings.updates:,} updates "
+        f"per ingest run, {settings.requests:,} requests per query run",
+        f"- sqlite store: a fresh `bench.sqlite3` in a temporary folder ({fs_type}), "
+        f"{database_mb:.0f} MB with its WAL at the end; steptrack's defaults "
+        "otherwise (WAL, synchronous=FULL)",
+    ]
+
+
+def render(
+    report: Report, environment: list[str], exits: dict[str, list[int | None]]
+) -> str:
+    lines = [
+        "# steptrack benchmark",
+        "",
+        *environment,
+        "",
+        f"## Medians over {report.runs} rounds (of the runs that passed every check)",
+        "",
+        *report.medians_table(),
+        "",
+        "## Ratios of medians",
+        "",
+        *report.ratios_table(),
+        "",
+        "## Targets",
+        "",
+        *report.targets_table(),
+        "",
+        "## Spread and CPU (check that the client stayed well below 1)",
+        "",
+        *report.noise_table(),
+        "",
+        "## Failed checks",
+        "",
+        *(report.failures() or ["none"]),
+        "",
+        "steptrack exit statuses after SIGTERM: "
+        + ", ".join(f"{name} {codes}" for name, codes in exits.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
