@@ -232,7 +232,7 @@ class SQLiteStore(Service):
             "SELECT * FROM applied_ids WHERE applied_at >= ? ORDER BY rowid",
             (horizon,),
         ):
-            self._applied_ids.add(key(username, update_id), applied_at)
+            self._applied_ids[key(username, update_id)] = applied_at
         self._connection = connection
         super().startService()
         # A daemon thread, so that a process that never closes the store
@@ -368,7 +368,7 @@ class SQLiteStore(Service):
                 update_id = update.update_id
                 key = None
                 if update_id is not None:
-                    key = AppliedIds.key(username, update_id)
+                    key = f"{username}\0{update_id}"  # AppliedIds.key, inlined
                     if key in applied or key in remembered:
                         outcomes.append(Outcome.DUPLICATE)
                         continue

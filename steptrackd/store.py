@@ -90,47 +90,31 @@ class IStepStore(IService):
 _log = Logger()
 
 
-class AppliedIds:
+class AppliedIds(dict[str, float]):
     """
-    The ids of the updates applied within the retention period, with when
-    each was applied, oldest first, so that expired ones are forgotten from
-    the front in bounded steps.
+    The ids of the updates applied within the retention period, each with
+    when it was applied, oldest first (a dict keeps insertion order), so that
+    expired ones are forgotten from the front in bounded steps.
 
     A key is the username and the update_id joined by a NUL, which cannot
     occur in a valid username: one short string per id costs far less
-    memory than a tuple of two.
+    memory than a tuple of two. It is a dict, not a wrapper around one, so
+    that the per-update checks on the hot path are plain dict operations.
     """
-
-    def __init__(self) -> None:
-        # Insertion order is application order: dicts keep it.
-        self._applied_at: dict[str, float] = {}
 
     @staticmethod
     def key(username: str, update_id: str) -> str:
         return f"{username}\0{update_id}"
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._applied_at
-
-    def __len__(self) -> int:
-        return len(self._applied_at)
-
-    def add(self, key: str, applied_at: float) -> None:
-        self._applied_at[key] = applied_at
-
-    def update(self, applied: dict[str, float]) -> None:
-        self._applied_at.update(applied)
-
     def forget_before(self, horizon: float, limit: int) -> int:
         """Forget up to ``limit`` ids applied before ``horizon``; say how many."""
-        applied_at = self._applied_at
         due: list[str] = []
-        for key, when in applied_at.items():
-            if when >= horizon or len(due) == limit:
+        for key, applied_at in self.items():
+            if applied_at >= horizon or len(due) == limit:
                 break
             due.append(key)
         for key in due:
-            del applied_at[key]
+            del self[key]
         return len(due)
 
 
@@ -200,7 +184,7 @@ class MemoryStore(Service):
         for update in updates:
             username = update.username
             if update.update_id is not None:
-                key = AppliedIds.key(username, update.update_id)
+                key = f"{username}\0{update.update_id}"  # AppliedIds.key, inlined
                 if key in applied_ids:
                     outcomes.append(Outcome.DUPLICATE)
                     continue
@@ -218,7 +202,7 @@ class MemoryStore(Service):
                 if update.ts > entry[1]:
                     entry[1] = update.ts
             if key is not None:
-                applied_ids.add(key, now)
+                applied_ids[key] = now
             outcomes.append(Outcome.APPLIED)
         return outcomes
 

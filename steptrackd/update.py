@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Final
+from collections.abc import Callable
+from typing import Annotated, Final, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 MAX_SAFE_INTEGER: Final = 2**53 - 1
 """The largest integer that every JSON client reads exactly."""
@@ -158,40 +161,7 @@ class UpdateDecoder:
     def __init__(self, max_new_steps: int = DEFAULT_MAX_NEW_STEPS) -> None:
         self.max_new_steps = max_new_steps
         self._decode = msgspec.json.Decoder(_WireUpdate).decode
-
-    def decode_batch(
-        self, payload: bytes, max_batch: int
-    ) -> list[Update | InvalidUpdate]:
-        """
-        Protocol v2: a payload is one update or a JSON array of at most
-        ``max_batch`` of them, each with an update_id. Returns, in order,
-        each update or why it is invalid; raises :class:`InvalidUpdate` when
-        the payload as a whole is unusable (not JSON, too many updates).
-        """
-        if payload.lstrip()[:1] != b"[":
-            return [self._decode_with_id(payload)]
-        try:
-            items = _decode_items(payload)
-        except msgspec.DecodeError as e:
-            raise InvalidUpdate(Reason.NOT_JSON, str(e)) from None
-        if len(items) > max_batch:
-            raise InvalidUpdate(
-                Reason.BATCH_TOO_LARGE,
-                f"{len(items)} updates in one message; the limit is {max_batch}",
-            )
-        return [self._decode_with_id(item) for item in items]
-
-    def _decode_with_id(self, payload: bytes | msgspec.Raw) -> Update | InvalidUpdate:
-        try:
-            update = self.decode(payload)
-        except InvalidUpdate as invalid:
-            invalid.update_id = update_id_of(payload)
-            return invalid
-        if update.update_id is None:
-            return InvalidUpdate(
-                Reason.MISSING_UPDATE_ID, "protocol v2 needs an update_id"
-            )
-        return update
+        self._decode_all = msgspec.json.Decoder(list[_WireUpdate]).decode
 
     def decode(self, payload: bytes | msgspec.Raw) -> Update:
         try:
@@ -200,6 +170,10 @@ class UpdateDecoder:
             raise InvalidUpdate(_reason_for(e), str(e)) from None
         except msgspec.DecodeError as e:
             raise InvalidUpdate(Reason.NOT_JSON, str(e)) from None
+        return self._checked(wire)
+
+    def _checked(self, wire: _WireUpdate) -> Update:
+        """The rules msgspec cannot check while parsing."""
         new_steps = wire.new_steps
         if isinstance(new_steps, float):
             if not new_steps.is_integer():
@@ -219,3 +193,59 @@ class UpdateDecoder:
             new_steps,
             None if update_id is msgspec.UNSET else update_id,
         )
+
+    def decode_batch(
+        self, payload: bytes, max_batch: int
+    ) -> list[Update | InvalidUpdate]:
+        """
+        Protocol v2: a payload is one update or a JSON array of at most
+        ``max_batch`` of them, each with an update_id. Returns, in order,
+        each update or why it is invalid; raises :class:`InvalidUpdate` when
+        the payload as a whole is unusable (not JSON, too many updates).
+        """
+        if payload.lstrip()[:1] != b"[":
+            return [self._with_id(self._decode_one, payload)]
+        try:
+            # The whole batch in one pass: the common case, all valid.
+            wires = self._decode_all(payload)
+        except msgspec.ValidationError:
+            # Some item is invalid: decode item by item to say which.
+            raws = _decode_items(payload)
+            self._check_size(len(raws), max_batch)
+            return [self._with_id(self._decode_one, raw) for raw in raws]
+        except msgspec.DecodeError as e:
+            raise InvalidUpdate(Reason.NOT_JSON, str(e)) from None
+        self._check_size(len(wires), max_batch)
+        return [self._with_id(self._checked, wire) for wire in wires]
+
+    @staticmethod
+    def _check_size(size: int, max_batch: int) -> None:
+        if size > max_batch:
+            raise InvalidUpdate(
+                Reason.BATCH_TOO_LARGE,
+                f"{size} updates in one message; the limit is {max_batch}",
+            )
+
+    def _decode_one(self, payload: bytes | msgspec.Raw) -> Update:
+        try:
+            return self.decode(payload)
+        except InvalidUpdate as invalid:
+            invalid.update_id = update_id_of(payload)
+            raise
+
+    @staticmethod
+    def _with_id(decode: Callable[[T], Update], item: T) -> Update | InvalidUpdate:
+        """``decode(item)``, as an outcome, with the update_id v2 requires."""
+        try:
+            update = decode(item)
+        except InvalidUpdate as invalid:
+            if invalid.update_id is None and isinstance(item, _WireUpdate):
+                invalid.update_id = (
+                    None if item.update_id is msgspec.UNSET else item.update_id
+                )
+            return invalid
+        if update.update_id is None:
+            return InvalidUpdate(
+                Reason.MISSING_UPDATE_ID, "protocol v2 needs an update_id"
+            )
+        return update

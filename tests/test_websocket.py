@@ -591,3 +591,19 @@ def test_bad_close_frame_is_answered_with_a_code(
     assert close_code(written) == expected
     # Aborting would discard the close frame before it reaches the client.
     assert not device.transport.aborted
+
+
+def test_v2_rule_broken_after_parsing_names_the_id(adapter: Adapter) -> None:
+    """A rule checked after parsing (newSteps 1.5, or too big) still names the id."""
+    device = adapter.device(V2)
+    batch = [
+        v2_update("ok"),
+        v2_update("half", newSteps=1.5),
+        v2_update("big", newSteps=10**7),
+    ]
+    [reply] = replies(device.send(frame(json.dumps(batch).encode())))
+    assert reply["acked"] == ["ok"]
+    assert reply["rejected"] == [
+        {"index": 1, "update_id": "half", "reason": "bad_new_steps"},
+        {"index": 2, "update_id": "big", "reason": "bad_new_steps"},
+    ]
