@@ -60,7 +60,7 @@ _log = Logger()
 # transaction. A database is at the version ``len(MIGRATIONS)`` once
 # current; ``PRAGMA user_version`` says where it is.
 MIGRATIONS: Final[list[list[str]]] = [
-    # 0 -> 1: the tables.
+    # 0 -> 1: the first schema, with applied ids looked up on disk.
     [
         # ts has no declared type, so SQLite keeps an integer as an integer
         # and a float as a float, exactly as the client sent it.
@@ -69,15 +69,29 @@ MIGRATIONS: Final[list[list[str]]] = [
         " steps INTEGER NOT NULL,"
         " ts NOT NULL"
         ") WITHOUT ROWID",
-        # In the order applied; read back into memory at start.
+        "CREATE TABLE applied_ids ("
+        " username TEXT NOT NULL,"
+        " update_id TEXT NOT NULL,"
+        " applied_at REAL NOT NULL,"
+        " PRIMARY KEY (username, update_id)"
+        ") WITHOUT ROWID",
+        "CREATE INDEX applied_ids_by_time ON applied_ids (applied_at)",
+    ],
+    # 1 -> 2: applied ids become a log in the order applied, with no index:
+    # it is read into memory at start, appended to in order (cheap), and
+    # pruned from its oldest end.
+    [
+        "ALTER TABLE applied_ids RENAME TO applied_ids_v1",
         "CREATE TABLE applied_ids ("
         " username TEXT NOT NULL,"
         " update_id TEXT NOT NULL,"
         " applied_at REAL NOT NULL"
         ")",
+        "INSERT INTO applied_ids"
+        " SELECT username, update_id, applied_at FROM applied_ids_v1"
+        " ORDER BY applied_at",
+        "DROP TABLE applied_ids_v1",
     ],
-    # 1 -> 2: pruning old ids by time without scanning the table.
-    ["CREATE INDEX applied_ids_by_time ON applied_ids (applied_at)"],
 ]
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -86,10 +100,10 @@ _UPSERT_TOTAL = (
     "INSERT INTO totals VALUES (?, ?, ?) ON CONFLICT (username) "
     "DO UPDATE SET steps = excluded.steps, ts = excluded.ts"
 )
+# The oldest rows come first in rowid order: look at no more than LIMIT.
 _PRUNE = (
-    "DELETE FROM applied_ids WHERE rowid IN ("
-    " SELECT rowid FROM applied_ids"
-    " WHERE applied_at < ? ORDER BY applied_at LIMIT ?)"
+    "DELETE FROM applied_ids WHERE applied_at < ? AND rowid IN ("
+    " SELECT rowid FROM applied_ids ORDER BY rowid LIMIT ?)"
 )
 
 

@@ -106,8 +106,11 @@ def test_older_database_is_migrated(path: Path) -> None:
     result_of(store.close())
     connection = sqlite3.connect(path)
     assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    indexes = {row[1] for row in connection.execute("PRAGMA index_list(applied_ids)")}
-    assert "applied_ids_by_time" in indexes
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_schema")}
+    assert tables == {"totals", "applied_ids"}
+    assert connection.execute("SELECT * FROM applied_ids").fetchall() == [
+        ("old", "x", 1.0)
+    ]
     connection.close()
 
 
@@ -186,3 +189,29 @@ def test_refused_update_is_not_remembered_on_disk(store: SQLiteStore) -> None:
     )
     assert outcomes == [Outcome.TOTAL_OVERFLOW, Outcome.APPLIED]
     assert result_of(store.apply([Update("a", 1, 1, "over")])) == [Outcome.APPLIED]
+
+
+def test_expired_ids_leave_the_disk_too(path: Path) -> None:
+    """Pruning deletes expired ids from disk; a restart does not bring them back."""
+    clock = Clock()
+    store = SQLiteStore(str(path), THREAD_CALLS, clock, dedupe_retention=100)
+    store.prune_batch = 3
+    store.startService()
+    result_of(store.apply([Update("a", 1, 1, f"old-{i}") for i in range(7)]))
+    clock.advance(200)
+    result_of(store.apply([Update("a", 1, 1, "fresh")]))
+    clock.advance(store.prune_interval)
+    for _ in range(4):  # 7 expired ids, 3 per step
+        clock.advance(0)
+        result_of(store.apply([]))
+    reader = sqlite3.connect(path)
+    rows = reader.execute("SELECT update_id FROM applied_ids").fetchall()
+    reader.close()
+    assert rows == [("fresh",)]
+    assert store.remembered_ids == 1
+    result_of(store.close())
+    again = SQLiteStore(str(path), THREAD_CALLS, clock, dedupe_retention=100)
+    again.startService()
+    assert again.remembered_ids == 1
+    assert result_of(again.apply([Update("a", 1, 1, "old-0")])) == [Outcome.APPLIED]
+    result_of(again.close())
