@@ -215,3 +215,18 @@ def test_expired_ids_leave_the_disk_too(path: Path) -> None:
     assert again.remembered_ids == 1
     assert result_of(again.apply([Update("a", 1, 1, "old-0")])) == [Outcome.APPLIED]
     result_of(again.close())
+
+
+def test_odd_update_ids_survive_a_restart_exactly(path: Path) -> None:
+    """Ids with NUL, emoji or quotes are kept exactly, so resends stay duplicates."""
+    odd = ["a\x00b", "😀", 'quote"s', "back\\slash", "x" * 128]
+    store = open_store(path)
+    result_of(store.apply([Update("u", 1, 1, update_id) for update_id in odd]))
+    result_of(store.apply([Update("v", 1.5, 2, "plain")]))
+    result_of(store.close())
+    again = open_store(path)
+    outcomes = result_of(again.apply([Update("u", 1, 1, i) for i in odd]))
+    assert outcomes == [Outcome.DUPLICATE] * len(odd)
+    assert result_of(again.apply([Update("u", 1, 1, "a")])) == [Outcome.APPLIED]
+    assert result_of(again.total("v")) == Total(2, 1.5)
+    result_of(again.close())
