@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -562,3 +563,53 @@ async def test_invalid_updates_are_summarised_in_the_log(daemons: Daemons) -> No
         "bad_update_id": 1,
         "total_overflow": 1,
     }, summaries
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_store_keeps_totals_across_a_restart(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """With no --store, totals and remembered ids survive SIGTERM and a restart."""
+    daemon, ports = await daemons.start(*LOOPBACK)
+    client = await open_ws(reactor, "127.0.0.1", ports.ws)
+    client.send_update({"username": "kept", "ts": 5, "newSteps": 7, "update_id": "k1"})
+    expected = {"cumulativeSteps": 7, "ts": 5}
+    await wait_for_total(reactor, "127.0.0.1", ports.rest, "kept", expected)
+    assert await daemon.stop() == Exit(code=0, signal=None), daemon.log
+    assert (tmp_path / "steptrack.sqlite3").exists()
+
+    again, ports = await daemons.start(*LOOPBACK)
+    result = await http("GET", "127.0.0.1", ports.rest, "/users/kept/steps")
+    assert result.json() == expected
+    client = await open_ws(reactor, "127.0.0.1", ports.ws)
+    client.send_update({"username": "kept", "ts": 9, "newSteps": 7, "update_id": "k1"})
+    client.send_update({"username": "kept", "ts": 1, "newSteps": 1})
+    await wait_for_total(
+        reactor, "127.0.0.1", ports.rest, "kept", {"cumulativeSteps": 8, "ts": 5}
+    )
+    assert await again.stop() == Exit(code=0, signal=None), again.log
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("sqlite:{tmp}/missing/steps.sqlite3", "directory does not exist"),
+        ("sqlite:{tmp}/garbage.sqlite3", "cannot use"),
+        ("sqlite:{tmp}/foreign.sqlite3", "not a steptrack database"),
+    ],
+)
+async def test_unusable_database_stops_the_start(
+    daemons: Daemons, tmp_path: Path, store: str, message: str
+) -> None:
+    """An unusable database: exit 1 at once, with a clear line, no traceback."""
+    (tmp_path / "garbage.sqlite3").write_bytes(b"not a database" * 200)
+    foreign = sqlite3.connect(tmp_path / "foreign.sqlite3")
+    foreign.execute("CREATE TABLE other (x)")
+    foreign.close()
+    daemon = daemons.spawn(*RUN, *LOOPBACK, "--store", store.format(tmp=tmp_path))
+    exit = await daemon.exited(STOP_TIMEOUT)
+    assert exit == Exit(code=1, signal=None), daemon.log
+    lines = [line for line in daemon.log.splitlines() if message in line]
+    assert lines and str(tmp_path) in lines[0], daemon.log
+    assert_no_traceback(daemon.log)
