@@ -18,7 +18,10 @@ PYTHON2 ?=
 $(STAMP): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --constraint constraints.txt \
+	# The build backend comes from constraints.txt too (no build isolation),
+	# so a new setuptools cannot change how the project installs.
+	$(BIN)/pip install --quiet --constraint constraints.txt setuptools wheel
+	$(BIN)/pip install --quiet --constraint constraints.txt --no-build-isolation \
 		--config-settings editable_mode=compat --editable '.[dev]'
 	touch $(STAMP)
 
