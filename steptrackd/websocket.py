@@ -32,10 +32,16 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import __version__
 from .rejections import RejectionCounter
@@ -97,7 +103,9 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         self._replies: deque[_PendingReply] = deque()
         self._seq = 0
         self._in_flight = 0
-        self._paused = False
+        # Why reading is paused: "store" (too many store calls outstanding),
+        # "replies" (the client does not read what we send).
+        self._pause_reasons: set[str] = set()
         self._open_when_read_began = False
         self._drop_deadline: IDelayedCall | None = None
         self.closed: Deferred[None] = Deferred()
@@ -114,6 +122,10 @@ class StepUpdateProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.connections.add(self)
+        # The transport tells us when its send buffer fills up, so that a
+        # client that sends batches but never reads the replies is not read
+        # from either, instead of making us buffer replies without bound.
+        self.transport.registerProducer(_ReplyFlow(self), True)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
@@ -172,7 +184,7 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         try:
             self._pending.append(self.factory.decoder.decode(payload))
         except InvalidUpdate as invalid:
-            self.factory.rejections.count(invalid.reason, invalid.detail)
+            self._count(invalid)
 
     def _flush(self) -> None:
         updates, self._pending = self._pending, []
@@ -256,18 +268,26 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         """
         self._in_flight += 1
         applying.addBoth(self._landed)
-        if self._in_flight > MAX_IN_FLIGHT and not self._paused:
-            self._paused = True
-            if self.transport is not None:
-                self.transport.pauseProducing()  # type: ignore[attr-defined]
+        if self._in_flight > MAX_IN_FLIGHT:
+            self.pause_reading("store")
 
     def _landed(self, result: object) -> object:
         self._in_flight -= 1
-        if self._paused and self._in_flight <= MAX_IN_FLIGHT // 2:
-            self._paused = False
-            if self.transport is not None:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._in_flight <= MAX_IN_FLIGHT // 2:
+            self.resume_reading("store")
         return result
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._pause_reasons and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pause_reasons.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def close_going_away(self) -> None:
         """Start closing because the server is going away."""
@@ -279,6 +299,27 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         elif self.state != self.STATE_CLOSED:
             # Still in the opening handshake, or already closing.
             self.dropConnection(abort=True)
+
+
+@implementer(IPushProducer)
+class _ReplyFlow:
+    """
+    Registered with a connection's transport, which pauses it while its send
+    buffer is full: the connection then stops reading until the client has
+    taken its replies.
+    """
+
+    def __init__(self, connection: StepUpdateProtocol) -> None:
+        self._connection = connection
+
+    def pauseProducing(self) -> None:
+        self._connection.pause_reading("replies")
+
+    def resumeProducing(self) -> None:
+        self._connection.resume_reading("replies")
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class StepUpdateFactory(WebSocketServerFactory):

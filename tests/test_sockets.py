@@ -6,6 +6,7 @@ programmatic API, with a real WebSocket client and a real HTTP client.
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,12 +24,13 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from steptrackd.server import ProtocolLimits, RunningServer, start_server
 from steptrackd.sqlite_store import SQLiteStore
 from steptrackd.store import MemoryStore
 
-from .clients import Closed, http, open_ws
+from .clients import Closed, http, open_ws, wait_for_total
 
 reactor: Any = global_reactor
 
@@ -279,3 +281,63 @@ async def test_v2_acks_only_what_is_on_disk(tmp_path: Path) -> None:
         assert result.json() == {"cumulativeSteps": 500, "ts": 499}
     finally:
         await running.close()
+
+
+def _mask(payload: bytes) -> bytes:
+    """One masked client text frame (a v2 message)."""
+    key = b"\x01\x02\x03\x04"
+    header = bytes([0x81, 0xFE]) + len(payload).to_bytes(2, "big")
+    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _flood_without_reading(
+    port: int, frame: bytes, limit: int
+) -> tuple[int, socket.socket]:
+    """
+    Send v2 messages and never read a reply; return how many went out
+    before the server stopped taking them (or ``limit``), and the socket,
+    still open.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        _HANDSHAKE.replace(
+            b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: steptrack.v2\r\n\r\n"
+        )
+    )
+    sock.settimeout(2)
+    for sent in range(limit):
+        try:
+            sock.sendall(frame)
+        except TimeoutError:
+            return sent, sock
+    return limit, sock
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_reads_no_replies_is_not_read_either(
+    server: RunningServer,
+) -> None:
+    """A v2 client that never reads replies is stopped, not served into our memory."""
+    ws_port, rest_port = _ports(server)
+    batch = json.dumps(
+        [
+            {"update_id": f"flood-{i}", "username": "flood", "ts": 1, "newSteps": 1}
+            for i in range(100)
+        ]
+    ).encode()
+    limit = 20_000
+    sent, flood = await deferToThread(
+        _flood_without_reading, ws_port, _mask(batch), limit
+    )
+    try:
+        assert sent < limit
+        [connection] = server.service.ws_factory.connections
+        assert "replies" in connection._pause_reasons
+        # Everyone else is still served.
+        client = await open_ws(reactor, "127.0.0.1", ws_port)
+        client.send_update({"username": "other", "ts": 1, "newSteps": 1})
+        await wait_for_total(
+            reactor, "127.0.0.1", rest_port, "other", {"cumulativeSteps": 1, "ts": 1}
+        )
+    finally:
+        flood.close()

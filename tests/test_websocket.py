@@ -607,3 +607,14 @@ def test_v2_rule_broken_after_parsing_names_the_id(adapter: Adapter) -> None:
         {"index": 1, "update_id": "half", "reason": "bad_new_steps"},
         {"index": 2, "update_id": "big", "reason": "bad_new_steps"},
     ]
+
+
+def test_reading_pauses_while_the_client_reads_no_replies(adapter: Adapter) -> None:
+    """When our send buffer fills (the client reads no replies), we stop reading it."""
+    device = adapter.device(V2)
+    flow = device.transport.producer
+    assert flow is not None
+    flow.pauseProducing()
+    assert device.transport.producerState == "paused"
+    flow.resumeProducing()
+    assert device.transport.producerState == "producing"
