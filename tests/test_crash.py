@@ -20,7 +20,7 @@ import json
 import random
 import secrets
 import signal
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,16 +297,6 @@ async def check_recovered(
         lacking += len(sent_ids - applied)
     assert not problems, "\n".join(problems)
     return Recovered(held, lacking)
-
-
-@pytest_twisted.async_yield_fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[Daemons]:
-    """Daemons for one test, all stopped when it ends, passed or not."""
-    running = Daemons(tmp_path)
-    try:
-        yield running
-    finally:
-        await running.stop_all()
 
 
 async def start_on(daemons: Daemons, database: Path) -> tuple[Daemon, int, int]:

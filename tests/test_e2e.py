@@ -211,16 +211,6 @@ class Daemons:
             await daemon.exited(STOP_TIMEOUT)
 
 
-@pytest_twisted.async_yield_fixture
-async def daemons(tmp_path: Path) -> AsyncIterator[Daemons]:
-    """Daemons for one test, all stopped when it ends, passed or not."""
-    running = Daemons(tmp_path)
-    try:
-        yield running
-    finally:
-        await running.stop_all()
-
-
 @dataclass(frozen=True)
 class Running:
     """A daemon that has logged its ports."""
