@@ -1,11 +1,13 @@
 """
-Counting invalid updates, and telling the log about them without flooding it.
+Counting invalid updates and broken connections, and telling the log about
+them without flooding it.
 
 Every update that is not applied for a client's fault (bad JSON, a field out
-of range, a total that would overflow) is counted here by reason. Counts
-only grow, for the life of the process. The log gets at most one warning
-per interval: how many were ignored since the last one, by reason, with one
-example explanation each.
+of range, a total that would overflow) is counted here by reason, and every
+connection closed for breaking the WebSocket protocol by close code. Counts
+only grow, for the life of the process. The log gets at most one warning of
+each kind per interval: how many since the last one, by reason or code, with
+one example explanation each.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class RejectionCounter(Service):
         self._interval = interval
         self._recent: Counter[Reason] = Counter()
         self._examples: dict[Reason, str] = {}
+        self.closed: Counter[int] = Counter()
+        self._recent_closed: Counter[int] = Counter()
+        self._closed_examples: dict[int, str] = {}
         self._summary: LoopingCall | None = None
 
     def count(self, reason: Reason, detail: str) -> None:
@@ -48,6 +53,13 @@ class RejectionCounter(Service):
         self._recent[reason] += 1
         if reason not in self._examples:
             self._examples[reason] = detail[:200]
+
+    def count_closed(self, code: int, detail: str) -> None:
+        """Count one connection closed for breaking the protocol."""
+        self.closed[code] += 1
+        self._recent_closed[code] += 1
+        if code not in self._closed_examples:
+            self._closed_examples[code] = detail[:200]
 
     def startService(self) -> None:
         super().startService()
@@ -80,3 +92,20 @@ class RejectionCounter(Service):
         except Exception:
             # Never let one bad summary end the periodic job.
             self.log.failure("Logging the invalid-update summary failed")
+        try:
+            if not self._recent_closed:
+                return
+            closed, closed_examples = self._recent_closed, self._closed_examples
+            self._recent_closed, self._closed_examples = Counter(), {}
+            self.log.warn(
+                "Closed {count} connection(s) for protocol errors since the last "
+                "report: {breakdown}",
+                count=sum(closed.values()),
+                breakdown="; ".join(
+                    f"{code} x{n} (e.g. {closed_examples[code]})"
+                    for code, n in sorted(closed.items())
+                ),
+                by_code=dict(closed),
+            )
+        except Exception:
+            self.log.failure("Logging the protocol-error summary failed")

@@ -130,6 +130,17 @@ def _reason_for(error: msgspec.ValidationError) -> Reason:
     return _FIELD_REASONS[match.group(1) or match.group(2)]
 
 
+# msgspec raises RecursionError for JSON nested deeper than the stack
+# allows (about a thousand levels), even inside a field that is ignored.
+_UNREADABLE: Final = (msgspec.DecodeError, RecursionError)
+
+
+def _not_json(error: Exception) -> InvalidUpdate:
+    if isinstance(error, RecursionError):
+        return InvalidUpdate(Reason.NOT_JSON, "JSON nested too deeply")
+    return InvalidUpdate(Reason.NOT_JSON, str(error))
+
+
 class _IdOnly(msgspec.Struct):
     update_id: object = None
 
@@ -145,7 +156,7 @@ def update_id_of(payload: bytes | msgspec.Raw) -> str | None:
     """
     try:
         update_id = _decode_id(payload).update_id
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, *_UNREADABLE):
         return None
     if isinstance(update_id, str) and 1 <= len(update_id) <= MAX_UPDATE_ID_LENGTH:
         return update_id
@@ -168,8 +179,8 @@ class UpdateDecoder:
             wire = self._decode(payload)
         except msgspec.ValidationError as e:
             raise InvalidUpdate(_reason_for(e), str(e)) from None
-        except msgspec.DecodeError as e:
-            raise InvalidUpdate(Reason.NOT_JSON, str(e)) from None
+        except _UNREADABLE as e:
+            raise _not_json(e) from None
         return self._checked(wire)
 
     def _checked(self, wire: _WireUpdate) -> Update:
@@ -209,12 +220,17 @@ class UpdateDecoder:
             # The whole batch in one pass: the common case, all valid.
             wires = self._decode_all(payload)
         except msgspec.ValidationError:
-            # Some item is invalid: decode item by item to say which.
-            raws = _decode_items(payload)
+            # Some item is invalid: decode item by item to say which. The
+            # first pass may have stopped at that item before reaching a
+            # syntax error further on, so the array can still be unreadable.
+            try:
+                raws = _decode_items(payload)
+            except _UNREADABLE as e:
+                raise _not_json(e) from None
             self._check_size(len(raws), max_batch)
             return [self._with_id(self._decode_one, raw) for raw in raws]
-        except msgspec.DecodeError as e:
-            raise InvalidUpdate(Reason.NOT_JSON, str(e)) from None
+        except _UNREADABLE as e:
+            raise _not_json(e) from None
         self._check_size(len(wires), max_batch)
         return [self._with_id(self._checked, wire) for wire in wires]
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import msgspec
+import txaio
 from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
@@ -53,6 +54,10 @@ SUBPROTOCOL_V2: Final = "steptrack.v2"
 DEFAULT_MAX_BATCH: Final = 1000
 MAX_IN_FLIGHT: Final = 64
 """Store calls one connection may have outstanding before it stops reading."""
+MAX_FRAMES_PER_MESSAGE: Final = 1024
+"""Fragments one message may have: each costs memory even when empty."""
+MAX_HANDSHAKE_SIZE: Final = 16 * 1024
+"""Bytes of the HTTP opening handshake, headers included."""
 
 _log = Logger()
 
@@ -95,6 +100,9 @@ class StepUpdateProtocol(WebSocketServerProtocol):
     """One device connection, speaking version 1 or 2 of the protocol."""
 
     factory: StepUpdateFactory
+    # Autobahn logs every failed connection at warning level, which lets any
+    # client flood the log; failures are counted and summed up instead.
+    log = txaio.make_logger(level="error")  # type: ignore[attr-defined]
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,6 +114,7 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         # Why reading is paused: "store" (too many store calls outstanding),
         # "replies" (the client does not read what we send).
         self._pause_reasons: set[str] = set()
+        self._frames_in_message = 0
         self._open_when_read_began = False
         self._drop_deadline: IDelayedCall | None = None
         self.closed: Deferred[None] = Deferred()
@@ -140,6 +149,17 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         # Autobahn's own dataReceived only adds a debug log line per read.
         # Version 1 messages completed by this read are collected by
         # onMessageEnd and go to the store together, in order, afterwards.
+        if self.state == self.STATE_CONNECTING:
+            # Autobahn would buffer headers until the handshake times out.
+            # Frames may follow the headers in the same read: only the
+            # headers count.
+            buffered = self.data + data
+            if (
+                len(buffered) > MAX_HANDSHAKE_SIZE
+                and b"\r\n\r\n" not in buffered[: MAX_HANDSHAKE_SIZE + 4]
+            ):
+                self.failHandshake("opening handshake too large", 431)
+                return
         self._open_when_read_began = self.state in (
             self.STATE_CONNECTING,
             self.STATE_OPEN,
@@ -167,15 +187,45 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             )
         super().dropConnection(abort=abort)
 
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        if self.state != self.STATE_CLOSED and not self.failedByMe:
+            self.factory.rejections.count_closed(code, reason)
+        super()._fail_connection(code, reason)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._frames_in_message = 0
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        # Autobahn bounds a message's bytes, not its fragments: a stream of
+        # empty continuation frames would grow without end.
+        super().onMessageFrameBegin(length)
+        self._frames_in_message += 1
+        if self._frames_in_message > MAX_FRAMES_PER_MESSAGE and not self.failedByMe:
+            self._fail_connection(
+                self.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+                f"more than {MAX_FRAMES_PER_MESSAGE} fragments in one message",
+            )
+
     def onMessageEnd(self) -> None:
         # Replaces Autobahn's onMessageEnd, which would also fire a
         # per-message "message" event that nothing here listens to.
         if not self.failedByMe:
             payload = b"".join(self.message_data)
-            if self.version == 1:
-                self._decode(payload)
-            else:
-                self._receive_v2(payload)
+            try:
+                if self.version == 1:
+                    self._decode(payload)
+                else:
+                    self._receive_v2(payload)
+            except Exception:
+                # A bug must cost this one message, not the connection.
+                _log.failure(
+                    "Bug while handling a message of {length} bytes",
+                    length=len(payload),
+                )
+                if self._replies and not self._replies[-1].ready:
+                    self._replies[-1].ready = True
+                    self._send_replies()
         self.message_data = None  # type: ignore[assignment]
 
     # -- version 1 --

@@ -253,3 +253,22 @@ def test_any_payload_decodes_or_is_invalid_with_a_reason(payload: bytes) -> None
         assert 0 <= update.new_steps <= decoder.max_new_steps
         assert 0 <= update.ts <= MAX_SAFE_INTEGER
         assert 1 <= len(update.username) <= 256
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_deeply_nested_json_is_not_json(depth: int) -> None:
+    """Nesting deeper than the parser can follow, even if ignored, is not_json."""
+    nested = b"[" * depth + b"]" * depth
+    payload = b'{"username": "a", "ts": 1, "newSteps": 1, "x": ' + nested + b"}"
+    assert reason_of(payload) is Reason.NOT_JSON
+    with pytest.raises(InvalidUpdate) as raised:
+        decoder.decode_batch(b"[" + nested + b"]", 1000)
+    assert raised.value.reason is Reason.NOT_JSON
+
+
+@pytest.mark.parametrize("payload", [b"[1, }", b"[1,2,3", b'[{"a":1}, '])
+def test_batch_broken_after_an_invalid_item_is_not_json(payload: bytes) -> None:
+    """An array whose syntax breaks after an invalid item is not_json, as a whole."""
+    with pytest.raises(InvalidUpdate) as raised:
+        decoder.decode_batch(payload, 1000)
+    assert raised.value.reason is Reason.NOT_JSON

@@ -22,7 +22,13 @@ from twisted.internet.testing import StringTransport
 from steptrackd.rejections import RejectionCounter
 from steptrackd.store import MemoryStore, Outcome, StoreWriteFailed, Total
 from steptrackd.update import MAX_SAFE_INTEGER, Reason
-from steptrackd.websocket import MAX_IN_FLIGHT, StepUpdateFactory, StepUpdateProtocol
+from steptrackd.websocket import (
+    MAX_FRAMES_PER_MESSAGE,
+    MAX_HANDSHAKE_SIZE,
+    MAX_IN_FLIGHT,
+    StepUpdateFactory,
+    StepUpdateProtocol,
+)
 
 from .test_store import result_of
 
@@ -618,3 +624,55 @@ def test_reading_pauses_while_the_client_reads_no_replies(adapter: Adapter) -> N
     assert device.transport.producerState == "paused"
     flow.resumeProducing()
     assert device.transport.producerState == "producing"
+
+
+def test_endless_fragments_close_with_1009(adapter: Adapter) -> None:
+    """A message of more fragments than allowed closes with 1009, even if empty."""
+    device = adapter.device()
+    written = device.send(
+        frame(b"", TEXT, fin=False),
+        *(frame(b"", CONTINUATION, fin=False) for _ in range(MAX_FRAMES_PER_MESSAGE)),
+    )
+    assert close_code(written) == 1009
+
+
+def test_fragments_within_the_limit_are_fine(adapter: Adapter) -> None:
+    """A message in many small fragments, under the limit, is one update."""
+    payload = update(username="frag", ts=1, newSteps=2)
+    device = adapter.device()
+    frames = [frame(payload[:1], TEXT, fin=False)]
+    frames += [
+        frame(payload[i : i + 1], CONTINUATION, fin=False)
+        for i in range(1, len(payload) - 1)
+    ]
+    frames.append(frame(payload[-1:], CONTINUATION))
+    assert close_code(device.send(*frames)) is None
+    assert adapter.total("frag") == Total(2, 1)
+
+
+def test_oversized_handshake_is_refused() -> None:
+    """Opening-handshake headers past the limit get a 431 and the connection ends."""
+    adapter = Adapter()
+    protocol = adapter.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    assert isinstance(protocol, StepUpdateProtocol)
+    transport = _Transport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+    for _ in range(MAX_HANDSHAKE_SIZE // 1000 + 1):
+        protocol.dataReceived(b"a" * 1000)
+    assert transport.value().startswith(b"HTTP/1.1 431")
+    assert transport.disconnecting
+
+
+def test_frames_right_behind_the_handshake_are_fine() -> None:
+    """Updates sent in the same read as the handshake, past the header limit, apply."""
+    adapter = Adapter()
+    protocol = adapter.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    assert isinstance(protocol, StepUpdateProtocol)
+    protocol.makeConnection(_Transport())
+    body = b"".join(
+        frame(update(username="fast", ts=i, newSteps=1)) for i in range(400)
+    )
+    assert len(body) > MAX_HANDSHAKE_SIZE
+    protocol.dataReceived(HANDSHAKE + b"\r\n" + body)
+    assert adapter.total("fast") == Total(400, 399)
