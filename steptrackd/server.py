@@ -83,7 +83,8 @@ def describe_address(port: IListeningPort) -> str:
     address = port.getHost()
     host = getattr(address, "host", None)
     if host is None:
-        return str(getattr(address, "name", address))
+        name = getattr(address, "name", address)
+        return name.decode() if isinstance(name, bytes) else str(name)
     if ":" in host:
         host = f"[{host}]"
     return f"{host}:{getattr(address, 'port', '?')}"
@@ -295,9 +296,14 @@ class SteptrackService(MultiService):
             [self.ws_listener.listening, self.rest_listener.listening],
             consumeErrors=True,
         )
-        self.started.addCallback(self._log_started)
         if self._as_daemon:
-            self.started.addErrback(self._cannot_listen)
+            # The start-up lines say the daemon is ready, SIGTERM included:
+            # log them once the reactor runs and our handler is in place.
+            self.reactor.callWhenRunning(
+                self.started.addCallbacks, self._log_started, self._cannot_listen
+            )
+        else:
+            self.started.addCallback(self._log_started)
 
     def _stop_on_sigterm(self) -> None:
         """

@@ -21,6 +21,7 @@ updates arrive or are read.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import sys
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from queue import SimpleQueue
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import msgspec
 from twisted.application.service import Service
@@ -127,8 +128,7 @@ def open_database(path: str) -> sqlite3.Connection:
     Open (creating it if need be) and migrate the database at ``path``.
     Raises :class:`StoreUnusable` with a message that says what and where.
     """
-    if path != ":memory:" and not os.path.isdir(os.path.dirname(path) or "."):
-        raise StoreUnusable(f"{path}: the directory does not exist")
+    _require_directory(path)
     try:
         connection = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False
@@ -185,6 +185,34 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
                 path=path,
                 version=target,
             )
+
+
+def _require_directory(path: str) -> None:
+    if path != ":memory:" and not os.path.isdir(os.path.dirname(path) or "."):
+        raise StoreUnusable(f"{path}: the directory does not exist")
+
+
+def _lock_database(path: str) -> IO[bytes] | None:
+    """
+    Take the lock that keeps a second steptrack process off the same
+    database: each process trusts its in-memory copy of the totals and of
+    the applied ids, which another writer would make stale. The lock is a
+    file beside the database, held until the store closes (or the process
+    ends, however it ends).
+    """
+    if path == ":memory:":
+        return None
+    _require_directory(path)
+    try:
+        lock = open(path + ".lock", "ab")  # noqa: SIM115 - held until close
+    except OSError as e:
+        raise StoreUnusable(f"{path}: cannot create its lock file: {e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StoreUnusable(f"{path}: in use by another steptrack process") from None
+    return lock
 
 
 @dataclass
@@ -246,13 +274,21 @@ class SQLiteStore(Service):
         self._closing: Deferred[None] | None = None
         self._failing = False
         self._failures = 0  # consecutive failed commits; writer thread only
+        self._lock: IO[bytes] | None = None
         # Test hook: called in the writer thread before each commit.
         self.before_commit: Callable[[sqlite3.Connection], None] | None = None
 
     # -- life cycle, in the reactor thread --
 
     def startService(self) -> None:
-        connection = open_database(self.path)
+        self._lock = _lock_database(self.path)
+        try:
+            connection = open_database(self.path)
+        except StoreUnusable:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            raise
         for username, steps, ts in connection.execute("SELECT * FROM totals"):
             self._totals[username] = (steps, ts)
         horizon = self._clock.seconds() - self._retention
@@ -407,15 +443,14 @@ class SQLiteStore(Service):
                         outcomes.append(Outcome.DUPLICATE)
                         continue
                 entry = changed.get(username) or committed.get(username)
-                if entry is None:
-                    changed[username] = (update.new_steps, update.ts)
-                else:
-                    steps = entry[0] + update.new_steps
-                    if steps > MAX_SAFE_INTEGER:
-                        outcomes.append(Outcome.TOTAL_OVERFLOW)
-                        continue
-                    ts = update.ts if update.ts > entry[1] else entry[1]
-                    changed[username] = (steps, ts)
+                steps, ts = entry if entry is not None else (0, update.ts)
+                steps += update.new_steps
+                if steps > MAX_SAFE_INTEGER:
+                    outcomes.append(Outcome.TOTAL_OVERFLOW)
+                    continue
+                if update.ts > ts:
+                    ts = update.ts
+                changed[username] = (steps, ts)
                 if key is not None:
                     applied[key] = applied_at
                     rows.append((username, update_id, applied_at))
@@ -488,6 +523,9 @@ class SQLiteStore(Service):
 
     def _writer_ended(self) -> None:
         self._writer = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
         if self._closing is not None and not self._closing.called:
             self._closing.callback(None)
 

@@ -30,7 +30,7 @@ DEFAULT_DEDUPE_RETENTION: Final = 7 * 24 * 3600.0
 """How long, in seconds, an applied update id is remembered by default."""
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """What a store did with one valid update."""
 
     APPLIED = "applied"
@@ -192,6 +192,9 @@ class MemoryStore(Service):
                 key = None
             entry = totals.get(username)
             if entry is None:
+                if update.new_steps > MAX_SAFE_INTEGER:
+                    outcomes.append(Outcome.TOTAL_OVERFLOW)
+                    continue
                 totals[username] = [update.new_steps, update.ts]
             else:
                 steps = entry[0] + update.new_steps

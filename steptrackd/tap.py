@@ -26,6 +26,7 @@ from .store import (
     check_store_url,
     open_store,
 )
+from .update import MAX_SAFE_INTEGER
 
 DEFAULT_WS_LISTEN = r"tcp6:8081:interface=\:\:"
 DEFAULT_REST_LISTEN = r"tcp6:8080:interface=\:\:"
@@ -165,6 +166,11 @@ class Options(usage.Options):
                 self[name] = convert(str(self[name]))
             except ValueError as e:
                 raise usage.UsageError(f"--{name}: {e}") from None
+        if self["max-new-steps"] > MAX_SAFE_INTEGER:
+            raise usage.UsageError(
+                f"--max-new-steps: at most {MAX_SAFE_INTEGER} (2^53 - 1), the "
+                "largest total a JSON client reads exactly"
+            )
         if self["dedupe-retention"] <= 0:
             raise usage.UsageError("--dedupe-retention must be more than 0")
         if self["handshake-timeout"] <= 0:

@@ -28,7 +28,7 @@ MAX_UPDATE_ID_LENGTH: Final = 128
 DEFAULT_MAX_NEW_STEPS: Final = 1_000_000
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """
     Why an update was not applied. The values are stable, machine-readable
     names: they appear in logs and counters, and clients may rely on them.

@@ -230,3 +230,14 @@ def test_odd_update_ids_survive_a_restart_exactly(path: Path) -> None:
     assert result_of(again.apply([Update("u", 1, 1, "a")])) == [Outcome.APPLIED]
     assert result_of(again.total("v")) == Total(2, 1.5)
     result_of(again.close())
+
+
+def test_second_store_on_the_same_file_is_refused(
+    store: SQLiteStore, path: Path
+) -> None:
+    """Two processes (or stores) on one database would each trust stale memory."""
+    with pytest.raises(StoreUnusable, match="in use by another steptrack process"):
+        SQLiteStore(str(path), THREAD_CALLS, Clock()).startService()
+    result_of(store.close())
+    again = open_store(path)
+    result_of(again.close())

@@ -342,3 +342,12 @@ def test_totals_are_sums_over_distinct_ids(
             else:
                 assert total is None
         subject.close()
+
+
+def test_first_update_may_not_pass_the_safe_limit(subject: StoreUnderTest) -> None:
+    """Even a new user's first update is refused if it alone passes 2^53 - 1."""
+    outcomes = subject.apply(
+        Update("new", 1, MAX_SAFE_INTEGER + 1, "x"), Update("new", 2, 5)
+    )
+    assert outcomes == [Outcome.TOTAL_OVERFLOW, Outcome.APPLIED]
+    assert subject.total("new") == Total(5, 2)

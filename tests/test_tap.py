@@ -57,6 +57,7 @@ def test_help_shows_every_default() -> None:
         (["--max-message-size", "0"], "positive"),
         (["--max-message-size", "big"], "max-message-size"),
         (["--max-new-steps", "-5"], "positive"),
+        (["--max-new-steps", str(2**53)], "2\\^53"),
         (["--dedupe-retention", "0"], "dedupe-retention"),
         (["--dedupe-retention", "forever"], "duration"),
         (["--ping-interval", "soon"], "duration"),
