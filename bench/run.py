@@ -13,7 +13,16 @@ against every server it applies to:
   and on 1 connection and 100 users;
 - ``v2-c16-b100``: ``bench/v2load.py``, protocol version 2 batches of 100
   updates, 16 connections, 1000 users (steptrack only);
-- ``query-c16``: ``stepload.py query``, GETs on 16 keep-alive connections.
+- ``query-c16``: ``stepload.py query``, GETs on 16 keep-alive connections;
+- ``ingest-c1-1m``: ``stepload.py ingest``, 1 connection, 100 users,
+  1,000,000 updates, in the first round only (it is the longest run);
+- ``mixed-c4-q4``: ``stepload.py mixed``, an ingest on 4 connections while
+  GETs run on 4 more: GET latency under write load.
+
+After the last round the servers are stopped, and each is started afresh,
+alone, for ``idle``: ``stepload.py idle`` holds 10,000 WebSocket connections
+and reads the server's RSS, whose "before" figure is only a baseline on a
+process that has done nothing yet.
 
 Every run's JSON goes to ``bench/results/DATE/raw.jsonl`` as it finishes;
 the tables go to ``bench/results/DATE/report.md`` and stdout. Older dated
@@ -251,29 +260,64 @@ def flags(**values: object) -> list[str]:
     ]
 
 
+RATE_UNITS = ("updates/s", "requests/s")
+
+
 @dataclass(frozen=True)
 class Load:
     key: str
     title: str
     metric: str
     """The field of the client's JSON that is the result."""
+    unit: str
     client: list[str]
     """The client's command line up to its options."""
     options: list[str]
     steptrack_only: bool = False
+    rounds: int | None = None
+    """Run in the first ``rounds`` rounds only; None: in every round."""
+    fresh_server: bool = False
+    """Run once per server, after the rounds, on a process started for it."""
+    rest: bool = True
+    """The client also reads over REST and takes ``--http`` and ``--timeout``
+    (``stepload.py idle`` takes neither: its phases have their own bounds)."""
+
+    @property
+    def is_rate(self) -> bool:
+        return self.unit in RATE_UNITS
 
     def command(self, server: Server) -> list[str]:
         """The client's command line against ``server``, which is running."""
-        return [
-            *self.client,
-            *flags(
-                ws=f"ws://127.0.0.1:{server.ws_port}",
-                http=f"http://127.0.0.1:{server.http_port}",
-                pid=server.pid,
-                timeout=CLIENT_TIMEOUT_S,
-            ),
-            *self.options,
-        ]
+        endpoints: dict[str, object] = {
+            "ws": f"ws://127.0.0.1:{server.ws_port}",
+            "pid": server.pid,
+        }
+        if self.rest:
+            endpoints["http"] = f"http://127.0.0.1:{server.http_port}"
+            endpoints["timeout"] = CLIENT_TIMEOUT_S
+        return [*self.client, *flags(**endpoints), *self.options]
+
+    def passed(self, result: dict[str, Any]) -> bool:
+        """
+        Whether a run counts: the client's own checks, and for ``mixed``
+        also the GETs made during the ingest, which ``stepload.py`` reports
+        but leaves out of its ``ok``: a GET answered with an error, or none
+        answered at all, must not make the latency look good.
+        """
+        if not result.get("ok"):
+            return False
+        if self.key != MIXED:
+            return True
+        queries = result.get("query_during_ingest") or {}
+        return (
+            queries.get("non_200") == 0
+            and queries.get("connection_errors") == 0
+            and bool(queries.get("requests"))
+        )
+
+
+MIXED = "mixed-c4-q4"
+IDLE = "idle"
 
 
 def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
@@ -285,6 +329,7 @@ def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
             "ingest-c16",
             "ingest v1, C=16, U=1000",
             "updates_per_s",
+            "updates/s",
             [*stepload, "ingest"],
             flags(connections=16, users=1000, updates=updates),
         ),
@@ -292,6 +337,7 @@ def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
             "ingest-c1",
             "ingest v1, C=1, U=100",
             "updates_per_s",
+            "updates/s",
             [*stepload, "ingest"],
             flags(connections=1, users=100, updates=updates),
         ),
@@ -299,6 +345,7 @@ def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
             "v2-c16-b100",
             "ingest v2 batches of 100, C=16, U=1000",
             "updates_per_s",
+            "updates/s",
             v2load,
             flags(connections=16, users=1000, batch=100, updates=updates),
             steptrack_only=True,
@@ -307,10 +354,55 @@ def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
             "query-c16",
             "query, C=16, 100 users",
             "requests_per_s",
+            "requests/s",
             [*stepload, "query"],
             flags(connections=16, users=100, prefix="q", requests=settings.requests),
         ),
+        Load(
+            "ingest-c1-1m",
+            f"ingest v1, C=1, U=100, {settings.long_updates:,} updates"
+            + rounds_note(settings.long_runs, settings.runs),
+            "updates_per_s",
+            "updates/s",
+            [*stepload, "ingest"],
+            flags(connections=1, users=100, updates=settings.long_updates),
+            rounds=settings.long_runs,
+        ),
+        Load(
+            MIXED,
+            f"mixed: ingest v1, C=4, U=1000, {settings.mixed_updates:,} updates, "
+            "with GETs on 4 more",
+            "updates_per_s",
+            "updates/s",
+            [*stepload, "mixed"],
+            flags(
+                connections=4,
+                updates=settings.mixed_updates,
+                users=1000,
+                query_connections=4,
+                query_users=100,
+            ),
+        ),
+        Load(
+            IDLE,
+            f"idle, {settings.idle_connections:,} connections held "
+            f"{settings.idle_hold:g} s, fresh server",
+            "kb_per_connection",
+            "KB/connection",
+            [*stepload, "idle"],
+            flags(connections=settings.idle_connections, hold=settings.idle_hold),
+            fresh_server=True,
+            rest=False,
+        ),
     ]
+
+
+def rounds_note(rounds: int, runs: int) -> str:
+    return "" if rounds >= runs else f" ({rounds_text(rounds)})"
+
+
+def rounds_text(rounds: int) -> str:
+    return "1 round" if rounds == 1 else f"{rounds} rounds"
 
 
 def run_client(command: list[str]) -> tuple[int | None, dict[str, Any], float]:
@@ -412,13 +504,28 @@ class Record:
     round: int
     server: str
     load: str
+    ok: bool
+    """The run counts: see ``Load.passed``."""
     exit_code: int | None
     wall_s: float
     result: dict[str, Any]
 
 
-def median_of(records: list[Record], metric: str) -> float | None:
-    values = [r.result[metric] for r in records if r.result.get("ok")]
+def number_at(result: dict[str, Any], path: str) -> float | None:
+    """The number at ``path`` in a client's JSON; a dot steps into an object."""
+    value: Any = result
+    for name in path.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def median_of(
+    records: list[Record], path: str, passed_only: bool = True
+) -> float | None:
+    found = (number_at(r.result, path) for r in records if r.ok or not passed_only)
+    values = [value for value in found if value is not None]
     return statistics.median(values) if values else None
 
 
@@ -426,10 +533,107 @@ def thousands(value: float | None) -> str:
     return MISSING if value is None else f"{value:,.0f}"
 
 
+def figure(value: float | None) -> str:
+    """Large numbers with separators, small ones (ms, KB) with 3 digits."""
+    if value is None:
+        return MISSING
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def ratio_text(numerator: float | None, denominator: float | None) -> str:
     if numerator is None or not denominator:
         return MISSING
     return f"{numerator / denominator:.2f}"
+
+
+CLOSE = 0.2
+"""Within this fraction of a goal, a verdict is within run-to-run noise."""
+
+
+def verdict(value: float | None, goal: float, at_most: bool) -> str:
+    if value is None:
+        return "unknown"
+    met = value <= goal if at_most else value >= goal
+    text = "yes" if met else "**no**"
+    return text + (" (close)" if abs(value / goal - 1) < CLOSE else "")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One goal set against the reference servers measured in the same run."""
+
+    title: str
+    load: str
+    path: str
+    """Where the measure is in the client's JSON (see ``number_at``)."""
+    goal: float
+    at_most: bool = False
+    """The goal is a ceiling (latency, memory), not a floor (a rate)."""
+    reference: str | None = "node-ref"
+    """The server whose median the value is divided by; None: the goal is
+    in the measure's own unit."""
+    reference_load: str | None = None
+    """The reference's load, when it is not ``load`` (v2 is steptrack's only)."""
+    unit: str = ""
+
+    def amount(self, value: float | None) -> str:
+        return MISSING if value is None else f"{figure(value)} {self.unit}"
+
+    def goal_text(self) -> str:
+        sign = "≤" if self.at_most else "≥"
+        if self.reference is None:
+            return f"{sign} {self.goal:g} {self.unit}"
+        return f"{sign} {self.goal:g}x {self.reference}"
+
+
+TARGETS = [
+    Target(
+        "v1 ingest, 16 connections (`ingest-c16`)", "ingest-c16", "updates_per_s", 0.5
+    ),
+    Target(
+        "v1 ingest, 16 connections (`ingest-c16`)",
+        "ingest-c16",
+        "updates_per_s",
+        2.0,
+        reference="fastapi-ref",
+    ),
+    Target(
+        "v1 ingest, 1 connection, long run (`ingest-c1-1m`)",
+        "ingest-c1-1m",
+        "updates_per_s",
+        0.3,
+    ),
+    Target(
+        "v2 batches of 100 (`v2-c16-b100`) vs node-ref's `ingest-c16`",
+        "v2-c16-b100",
+        "updates_per_s",
+        1.0,
+        reference_load="ingest-c16",
+    ),
+    Target(
+        "GET, 16 connections (`query-c16`): requests/s",
+        "query-c16",
+        "requests_per_s",
+        1.0,
+    ),
+    Target(
+        "GET, 16 connections (`query-c16`): p99",
+        "query-c16",
+        "p99_ms",
+        1.0,
+        at_most=True,
+    ),
+    Target(
+        "GET p99 during ingest (`mixed-c4-q4`)",
+        MIXED,
+        "query_during_ingest.p99_ms",
+        20.0,
+        at_most=True,
+        reference=None,
+        unit="ms",
+    ),
+    Target("`idle`: RSS per connection", IDLE, "kb_per_connection", 1.0, at_most=True),
+]
 
 
 @dataclass
@@ -445,9 +649,14 @@ class Report:
     def of(self, server: str, load: str) -> list[Record]:
         return [r for r in self.records if r.server == server and r.load == load]
 
-    def median(self, server: str, load: str) -> float | None:
-        metric = next(x.metric for x in self.loads if x.key == load)
+    def median(self, server: str, load: str, path: str | None = None) -> float | None:
+        """The median of ``path`` (the load's metric if None) over passing runs."""
+        metric = path or next(x.metric for x in self.loads if x.key == load)
         return median_of(self.of(server, load), metric)
+
+    @property
+    def rate_loads(self) -> list[Load]:
+        return [load for load in self.loads if load.is_rate]
 
     def cell(self, server: str, load: Load) -> str:
         if load.steptrack_only and not server.startswith("steptrack"):
@@ -455,7 +664,7 @@ class Report:
         if server in self.unavailable:
             return "unavailable"
         records = self.of(server, load.key)
-        passed = sum(1 for r in records if r.result.get("ok"))
+        passed = sum(1 for r in records if r.ok)
         text = thousands(median_of(records, load.metric))
         if passed < len(records) or not records:
             text += f" ({passed}/{len(records)} ok)"
@@ -466,10 +675,64 @@ class Report:
             "| load | unit | " + " | ".join(self.servers) + " |",
             "|---|---|" + "---:|" * len(self.servers),
         ]
-        for load in self.loads:
-            unit = "updates/s" if load.metric == "updates_per_s" else "requests/s"
+        for load in self.rate_loads:
             cells = " | ".join(self.cell(server, load) for server in self.servers)
-            lines.append(f"| {load.title} | {unit} | {cells} |")
+            lines.append(f"| {load.title} | {load.unit} | {cells} |")
+        return lines
+
+    def latency_table(self) -> list[str]:
+        rows = [
+            ("query-c16", "requests/s", "requests_per_s"),
+            ("query-c16", "p50 ms", "p50_ms"),
+            ("query-c16", "p99 ms", "p99_ms"),
+            (MIXED, "GETs answered during the ingest", "query_during_ingest.requests"),
+            (MIXED, "GET requests/s", "query_during_ingest.requests_per_s"),
+            (MIXED, "GET p50 ms", "query_during_ingest.p50_ms"),
+            (MIXED, "GET p99 ms", "query_during_ingest.p99_ms"),
+            (MIXED, "GET max ms", "query_during_ingest.max_ms"),
+            (MIXED, "ingest updates/s", "updates_per_s"),
+        ]
+        lines = [
+            "| load | measure | " + " | ".join(self.servers) + " |",
+            "|---|---|" + "---:|" * len(self.servers),
+        ]
+        for load, measure, path in rows:
+            cells = " | ".join(
+                figure(self.median(server, load, path)) for server in self.servers
+            )
+            lines.append(f"| {load} | {measure} | {cells} |")
+        return lines
+
+    def idle_table(self) -> list[str]:
+        """
+        Every idle run, passing or not: how many connections were refused
+        or dropped is the point when one fails.
+        """
+        rows = [
+            ("connections asked for", "requested"),
+            ("opened", "succeeded"),
+            ("alive after the hold", "alive_after_hold"),
+            ("seconds to open them", "open_s"),
+            ("server RSS before, KB", "rss_before_kb"),
+            ("server RSS at the end of the hold, KB", "rss_after_kb"),
+            ("KB per connection", "kb_per_connection"),
+        ]
+        lines = [
+            "| measure | " + " | ".join(self.servers) + " |",
+            "|---|" + "---:|" * len(self.servers),
+        ]
+        for measure, path in rows:
+            cells = " | ".join(
+                figure(median_of(self.of(server, IDLE), path, passed_only=False))
+                for server in self.servers
+            )
+            lines.append(f"| {measure} | {cells} |")
+        passed = []
+        for server in self.servers:
+            records = self.of(server, IDLE)
+            ok = sum(1 for r in records if r.ok)
+            passed.append(f"{ok}/{len(records)}" if records else MISSING)
+        lines.append("| runs that passed | " + " | ".join(passed) + " |")
         return lines
 
     def ratios_table(self) -> list[str]:
@@ -481,7 +744,7 @@ class Report:
             "| " + " | ".join(header) + " |",
             "|---|" + "---:|" * (len(header) - 1),
         ]
-        for load in self.loads:
+        for load in self.rate_loads:
             # v2 has no counterpart on the anchors: it is compared with
             # their v1 ingest of the same shape (16 connections, 1000 users).
             theirs = "ingest-c16" if load.steptrack_only else load.key
@@ -538,18 +801,67 @@ class Report:
             lines.append(f"| {title} | {value} | {target} | {met} |")
         return lines
 
+    def reference_targets_table(self) -> list[str]:
+        mine = ["steptrack sqlite", "steptrack memory"]
+        lines = [
+            "| measure | goal | reference, median | steptrack sqlite | met "
+            "| steptrack memory (for reference) | met |",
+            "|---|---|---:|---:|---|---:|---|",
+        ]
+        for target in TARGETS:
+            if target.reference is None:
+                # An absolute goal: node-ref's figure is there for scale.
+                reference = self.median("node-ref", target.load, target.path)
+                row = [f"node-ref: {target.amount(reference)}"]
+            else:
+                reference_load = target.reference_load or target.load
+                reference = self.median(target.reference, reference_load, target.path)
+                row = [f"{target.reference}: {figure(reference)}"]
+            for server in mine:
+                measured = self.median(server, target.load, target.path)
+                if target.reference is None:
+                    value = measured
+                    row.append(target.amount(measured))
+                elif measured is not None and reference:
+                    value = measured / reference
+                    row.append(f"{value:.2f} ({figure(measured)})")
+                else:
+                    value = None
+                    row.append(MISSING)
+                row.append(verdict(value, target.goal, target.at_most))
+            lines.append(
+                f"| {target.title} | {target.goal_text()} | " + " | ".join(row) + " |"
+            )
+        held = [self.held("node-ref")[0]]
+        for server in mine:
+            held += self.held(server)
+        lines.append(
+            "| `idle`: every connection held | all | " + " | ".join(held) + " |"
+        )
+        return lines
+
+    def held(self, server: str) -> list[str]:
+        """(alive after the hold / asked for, met) over every idle run."""
+        records = self.of(server, IDLE)
+        if not records:
+            return [MISSING, "unknown"]
+        alive = [number_at(r.result, "alive_after_hold") or 0 for r in records]
+        asked = [number_at(r.result, "requested") or 0 for r in records]
+        held = all(a == n and n > 0 for a, n in zip(alive, asked, strict=True))
+        return [f"{min(alive):,.0f} / {max(asked):,.0f}", "yes" if held else "**no**"]
+
     def noise_table(self) -> list[str]:
         lines = [
             "| load | server | ok | min | max | client CPU share, max "
             "| server CPU share, median | other CPU s, max |",
             "|---|---|---|---:|---:|---:|---:|---:|",
         ]
-        for load in self.loads:
+        for load in self.rate_loads:
             for server in self.servers:
                 records = self.of(server, load.key)
                 if not records:
                     continue
-                values = [r.result[load.metric] for r in records if r.result.get("ok")]
+                values = [r.result[load.metric] for r in records if r.ok]
 
                 def numbers(name: str, records: list[Record] = records) -> list[float]:
                     found = (r.result.get(name) for r in records)
@@ -559,12 +871,17 @@ class Report:
                 server_share = numbers("server_cpu_share")
                 other = numbers("other_cpu_s")
                 passed = len(values)
+                # The median of an even count is a mean: round it as the
+                # client rounds its shares.
+                server_median = (
+                    round(statistics.median(server_share), 3) if server_share else None
+                )
                 lines.append(
                     f"| {load.key} | {server} | {passed}/{len(records)} "
                     f"| {thousands(min(values) if values else None)} "
                     f"| {thousands(max(values) if values else None)} "
                     f"| {max(client) if client else MISSING} "
-                    f"| {statistics.median(server_share) if server_share else MISSING} "
+                    f"| {MISSING if server_median is None else server_median} "
                     f"| {max(other) if other else MISSING} |"
                 )
         return lines
@@ -572,13 +889,18 @@ class Report:
     def failures(self) -> list[str]:
         lines = []
         for r in self.records:
-            if r.result.get("ok"):
+            if r.ok:
                 continue
             interesting = {
                 k: v
                 for k, v in r.result.items()
                 if k in FAILURE_FIELDS and v not in (0, None, [], {}, False)
             }
+            queries = r.result.get("query_during_ingest")
+            if isinstance(queries, dict):
+                interesting["query_during_ingest"] = {
+                    k: queries.get(k) for k in QUERY_FAILURE_FIELDS
+                }
             lines.append(
                 f"- round {r.round}, {r.server}, {r.load}: exit {r.exit_code}, "
                 f"`{json.dumps(interesting)}`"
@@ -591,6 +913,11 @@ class Report:
 
 FAILURE_FIELDS = {
     "error",
+    "failed",
+    "error_samples",
+    "requested",
+    "succeeded",
+    "alive_after_hold",
     "timed_out",
     "stalled",
     "mismatched_users",
@@ -614,6 +941,10 @@ FAILURE_FIELDS = {
     "connection_errors",
     "failure_samples",
 }
+
+
+QUERY_FAILURE_FIELDS = ("requests", "non_200", "connection_errors", "error_samples")
+"""What a failed ``mixed`` run's GETs show: the failure may be theirs."""
 
 
 # -- the run ---------------------------------------------------------------
@@ -652,6 +983,33 @@ def main(argv: list[str] | None = None) -> int:
         "--requests", type=int, default=100_000, help="GETs per query run"
     )
     parser.add_argument(
+        "--mixed-updates",
+        type=int,
+        default=1_000_000,
+        help="updates per mixed run, on every server (default 1,000,000)",
+    )
+    parser.add_argument(
+        "--long-updates",
+        type=int,
+        default=1_000_000,
+        help="updates per ingest-c1-1m run (default 1,000,000)",
+    )
+    parser.add_argument(
+        "--long-runs",
+        type=int,
+        default=1,
+        help="rounds that run ingest-c1-1m, from the first (default 1)",
+    )
+    parser.add_argument(
+        "--idle-connections",
+        type=int,
+        default=10_000,
+        help="connections the idle run holds (default 10,000)",
+    )
+    parser.add_argument(
+        "--idle-hold", type=float, default=10.0, help="seconds they are held (10)"
+    )
+    parser.add_argument(
         "--shared",
         type=Path,
         default=Path(os.environ.get("STEPTRACK_SHARED", REPOSITORY.parent / "shared")),
@@ -676,8 +1034,12 @@ def measure(settings: argparse.Namespace) -> int:
         raise BenchError(f"{stepload} not found; set STEPTRACK_SHARED")
     if not twistd.is_file():
         raise BenchError(f"{twistd} not found; run this with the project's .venv")
-    if settings.runs < 1 or settings.updates < 1 or settings.requests < 1:
-        raise BenchError("--runs, --updates and --requests must be at least 1")
+    counts = ["runs", "updates", "requests", "mixed_updates", "long_updates"]
+    for name in [*counts, "long_runs", "idle_connections"]:
+        if getattr(settings, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.idle_hold < 0:
+        raise BenchError("--idle-hold must not be negative")
     today = datetime.date.today().isoformat()
     out = settings.results / today
     out.mkdir(parents=True, exist_ok=True)
@@ -694,10 +1056,19 @@ def measure(settings: argparse.Namespace) -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="steptrack-bench-"))
     try:
-        servers = servers_to_measure(anchors, twistd, scratch, logs)
+        servers = servers_to_measure(anchors, twistd, scratch / "bench.sqlite3", logs)
+        # The same servers again, each to be started alone on a process that
+        # has done nothing yet (and for SQLite, on an empty database).
+        (logs / "fresh").mkdir()
+        fresh = servers_to_measure(
+            anchors, twistd, scratch / "fresh.sqlite3", logs / "fresh"
+        )
         bench = Rounds(servers, loads(shared / "bench", settings), unavailable)
-        with running(servers), (out / "raw.jsonl").open("w") as raw:
-            bench.run(settings.runs, raw)
+        with (out / "raw.jsonl").open("w") as raw:
+            with running(servers):
+                bench.run(settings.runs, raw)
+            with running(fresh):
+                bench.run_on_fresh_servers(fresh, raw)
         database_mb = sum(
             p.stat().st_size for p in scratch.glob("bench.sqlite3*") if p.is_file()
         ) / (1024 * 1024)
@@ -706,7 +1077,11 @@ def measure(settings: argparse.Namespace) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.monotonic() - began
 
-    exits = {s.name: s.exit_codes for s in servers if s.name.startswith("steptrack")}
+    exits = {
+        server.name: server.exit_codes + again.exit_codes
+        for server, again in zip(servers, fresh, strict=True)
+        if server.name.startswith("steptrack")
+    }
     report = Report(
         [server.name for server in servers],
         bench.loads,
@@ -723,7 +1098,7 @@ def measure(settings: argparse.Namespace) -> int:
         if old.is_dir() and DATED.fullmatch(old.name) and old.name != today:
             shutil.rmtree(old)
     say(f"wrote {out / 'report.md'} and raw.jsonl in {elapsed:.0f}s")
-    all_ok = all(r.result.get("ok") for r in bench.records)
+    all_ok = all(r.ok for r in bench.records)
     clean_exits = all(code == 0 for codes in exits.values() for code in codes)
     return 0 if all_ok and clean_exits and not unavailable and not bench.events else 1
 
@@ -748,8 +1123,10 @@ def install_anchors(
 
 
 def servers_to_measure(
-    anchors: dict[str, Path], twistd: Path, scratch: Path, logs: Path
+    anchors: dict[str, Path], twistd: Path, database: Path, logs: Path
 ) -> list[Server]:
+    """The four servers; steptrack's SQLite store in ``database``."""
+
     def steptrack(store: str) -> Callable[[int, int], list[str]]:
         return lambda ws, rest: [
             str(twistd),
@@ -771,9 +1148,8 @@ def servers_to_measure(
 
     # An anchor that could not be installed is never started; its folder
     # is only a placeholder.
-    node = anchors.get("node-ref", scratch)
-    fastapi = anchors.get("fastapi-ref", scratch)
-    database = scratch / "bench.sqlite3"
+    node = anchors.get("node-ref", database.parent)
+    fastapi = anchors.get("fastapi-ref", database.parent)
     return [
         Server("node-ref", node, anchor("node", "server.js"), logs),
         Server(
@@ -806,25 +1182,61 @@ class Rounds:
             shift = (round_number - 1) % len(self.servers)
             order = self.servers[shift:] + self.servers[:shift]
             for load in self.loads:
+                if load.fresh_server or (
+                    load.rounds is not None and round_number > load.rounds
+                ):
+                    continue
                 for server in order:
                     if server.name in self.unavailable or (
                         load.steptrack_only and not server.name.startswith("steptrack")
                     ):
                         continue
-                    record = measure_once(server, load, round_number)
-                    self.records.append(record)
-                    raw.write(json.dumps(record.__dict__) + "\n")
-                    raw.flush()
+                    self._record(measure_once(server, load, round_number), raw)
                     if not server.alive():
-                        event = (
+                        self._event(
                             f"{server.name} died during round {round_number} "
-                            f"of {load.key}; restarted"
+                            f"of {load.key}; restarted",
+                            raw,
                         )
-                        self.events.append(event)
-                        raw.write(json.dumps({"event": event}) + "\n")
-                        say(f"!! {event}")
                         server.stop()
                         self._start(server)
+
+    def run_on_fresh_servers(self, fresh: list[Server], raw: TextIO) -> None:
+        """
+        Each ``fresh_server`` load once per server, on a process of its own
+        that is stopped right after: one server running at a time.
+        """
+        for load in self.loads:
+            if not load.fresh_server:
+                continue
+            for server in fresh:
+                if server.name in self.unavailable:
+                    continue
+                try:
+                    server.start()
+                except Unavailable as error:
+                    result = {"ok": False, "error": f"no fresh server: {error}"}
+                    self._record(
+                        Record(1, server.name, load.key, False, None, 0.0, result), raw
+                    )
+                    continue
+                try:
+                    self._record(measure_once(server, load, 1), raw)
+                    if not server.alive():
+                        self._event(f"{server.name} died during {load.key}", raw)
+                finally:
+                    server.stop()
+
+    def _record(self, record: Record, raw: TextIO) -> None:
+        self.records.append(record)
+        raw.write(json.dumps(record.__dict__) + "\n")
+        raw.flush()
+
+    def _event(self, event: str, raw: TextIO) -> None:
+        self.events.append(event)
+        raw.write(json.dumps({"event": event}) + "\n")
+        raw.flush()
+        say(f"!! {event}")
 
     def _start(self, server: Server) -> None:
         try:
@@ -836,14 +1248,15 @@ class Rounds:
 
 def measure_once(server: Server, load: Load, round_number: int) -> Record:
     exit_code, result, wall = run_client(load.command(server))
-    shown = result.get(load.metric)
-    verdict = "ok" if result.get("ok") else "FAILED"
+    ok = load.passed(result)
+    client_cpu = result.get("client_cpu_share")
     say(
-        f"round {round_number} {load.key:<12} {server.name:<17} {verdict:<6} "
-        f"{thousands(shown):>9}  client CPU {result.get('client_cpu_share')}"
+        f"round {round_number} {load.key:<12} {server.name:<17} "
+        f"{'ok' if ok else 'FAILED':<6} {figure(number_at(result, load.metric)):>9} "
+        f"{load.unit}" + ("" if client_cpu is None else f"  client CPU {client_cpu}")
     )
     return Record(
-        round_number, server.name, load.key, exit_code, round(wall, 2), result
+        round_number, server.name, load.key, ok, exit_code, round(wall, 2), result
     )
 
 
@@ -878,8 +1291,13 @@ def describe(
         + f"; SQLite {sqlite3.sqlite_version}",
         "- reference servers: "
         + (", ".join(f"{k} {v}" for k, v in others.items()) or "none"),
-        f"- sizes: {settings.runs} runs of each load; {settings.updates:,} updates "
-        f"per ingest run, {settings.requests:,} requests per query run",
+        f"- sizes: {rounds_text(settings.runs)}; {settings.updates:,} updates "
+        f"per ingest run, {settings.requests:,} requests per query run; "
+        f"ingest-c1-1m: {settings.long_updates:,} updates, in "
+        f"{rounds_text(min(settings.long_runs, settings.runs))}; "
+        f"mixed: {settings.mixed_updates:,} updates on every server; "
+        f"idle: {settings.idle_connections:,} connections held "
+        f"{settings.idle_hold:g} s, once per server on a fresh process",
         f"- sqlite store: a fresh `bench.sqlite3` in a temporary folder ({fs_type}), "
         f"{database_mb:.0f} MB with its WAL at the end; steptrack's defaults "
         "otherwise (WAL, synchronous=FULL)",
@@ -894,7 +1312,8 @@ def render(
         "",
         *environment,
         "",
-        f"## Medians over {report.runs} rounds (of the runs that passed every check)",
+        f"## Medians over {rounds_text(report.runs)} "
+        "(of the runs that passed every check)",
         "",
         *report.medians_table(),
         "",
@@ -902,9 +1321,25 @@ def render(
         "",
         *report.ratios_table(),
         "",
+        "## GET latency (medians of the passing runs)",
+        "",
+        *report.latency_table(),
+        "",
+        "## Idle connections (one run per server, each on a fresh process)",
+        "",
+        *report.idle_table(),
+        "",
         "## Targets",
         "",
         *report.targets_table(),
+        "",
+        "## Targets against the reference servers in this run",
+        "",
+        "A ratio is steptrack's median ÷ the reference's median; `close` means",
+        f"within {CLOSE:.0%} of the goal, inside this machine's run-to-run noise:",
+        "check the min and max below before trusting the verdict.",
+        "",
+        *report.reference_targets_table(),
         "",
         "## Spread and CPU (check that the client stayed well below 1)",
         "",
