@@ -75,37 +75,40 @@ class RejectionCounter(Service):
 
     def log_summary(self) -> None:
         """Log what was counted since the last summary, if anything."""
-        try:
-            if not self._recent:
-                return
-            recent, examples = self._recent, self._examples
-            self._recent, self._examples = Counter(), {}
-            self.log.warn(
-                "Ignored {count} invalid update(s) since the last report: {breakdown}",
-                count=sum(recent.values()),
-                breakdown="; ".join(
-                    f"{reason.value} x{n} (e.g. {examples[reason]})"
-                    for reason, n in sorted(recent.items())
-                ),
-                by_reason={reason.value: n for reason, n in recent.items()},
-            )
-        except Exception:
-            # Never let one bad summary end the periodic job.
-            self.log.failure("Logging the invalid-update summary failed")
-        try:
-            if not self._recent_closed:
-                return
-            closed, closed_examples = self._recent_closed, self._closed_examples
-            self._recent_closed, self._closed_examples = Counter(), {}
-            self.log.warn(
-                "Closed {count} connection(s) for protocol errors since the last "
-                "report: {breakdown}",
-                count=sum(closed.values()),
-                breakdown="; ".join(
-                    f"{code} x{n} (e.g. {closed_examples[code]})"
-                    for code, n in sorted(closed.items())
-                ),
-                by_code=dict(closed),
-            )
-        except Exception:
-            self.log.failure("Logging the protocol-error summary failed")
+        for report in (self._report_invalid, self._report_closed):
+            try:
+                report()
+            except Exception:
+                # Never let one bad summary end the periodic job.
+                self.log.failure("Logging a summary failed")
+
+    def _report_invalid(self) -> None:
+        if not self._recent:
+            return
+        recent, examples = self._recent, self._examples
+        self._recent, self._examples = Counter(), {}
+        self.log.warn(
+            "Ignored {count} invalid update(s) since the last report: {breakdown}",
+            count=sum(recent.values()),
+            breakdown="; ".join(
+                f"{reason.value} x{n} (e.g. {examples[reason]})"
+                for reason, n in sorted(recent.items())
+            ),
+            by_reason={reason.value: n for reason, n in recent.items()},
+        )
+
+    def _report_closed(self) -> None:
+        if not self._recent_closed:
+            return
+        closed, examples = self._recent_closed, self._closed_examples
+        self._recent_closed, self._closed_examples = Counter(), {}
+        self.log.warn(
+            "Closed {count} connection(s) for protocol errors since the last "
+            "report: {breakdown}",
+            count=sum(closed.values()),
+            breakdown="; ".join(
+                f"{code} x{n} (e.g. {examples[code]})"
+                for code, n in sorted(closed.items())
+            ),
+            by_code=dict(closed),
+        )

@@ -87,3 +87,19 @@ def test_a_failing_summary_does_not_stop_the_reports() -> None:
     assert [e["log_level"] for e in events if "log_failure" in e] == [LogLevel.critical]
     assert [w["count"] for w in warnings(events)] == [1]
     counter.stopService()
+
+
+def test_protocol_errors_are_summed_up_by_close_code() -> None:
+    """Protocol errors give one warning per interval, by close code."""
+    clock = Clock()
+    counter = RejectionCounter(clock, interval=10)
+    counter.startService()
+    with capturedLogs() as events:
+        for _ in range(500):
+            counter.count_closed(1007, "invalid UTF-8")
+        counter.count_closed(1009, "too big")
+        clock.advance(10)
+    [warning] = warnings(events)
+    assert warning["by_code"] == {1007: 500, 1009: 1}
+    assert counter.closed == {1007: 500, 1009: 1}
+    counter.stopService()

@@ -18,6 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
 
 from steptrackd.rejections import RejectionCounter
 from steptrackd.store import MemoryStore, Outcome, StoreWriteFailed, Total
@@ -676,3 +677,13 @@ def test_frames_right_behind_the_handshake_are_fine() -> None:
     assert len(body) > MAX_HANDSHAKE_SIZE
     protocol.dataReceived(HANDSHAKE + b"\r\n" + body)
     assert adapter.total("fast") == Total(400, 399)
+
+
+def test_protocol_errors_are_counted_not_logged_one_by_one(adapter: Adapter) -> None:
+    """Many connections breaking the protocol add counts, not warning lines."""
+    with capturedLogs() as events:
+        for _ in range(50):
+            close_code(adapter.device().send(frame(b"\xff", TEXT)))
+    assert adapter.rejections.closed == {1007: 50}
+    noisy = [e for e in events if e.get("log_level") >= LogLevel.warn]
+    assert noisy == []
