@@ -5,7 +5,9 @@ Routes are methods of :class:`TotalsAPI`, a Klein application that reads
 from a store. :func:`totals_site` wraps it in a ``Site`` that speaks only
 JSON: every response, errors included, is a JSON body with
 ``Content-Type: application/json`` and ``Cache-Control: no-store``, and a
-fault inside the server is logged, never shown.
+fault inside the server is logged, never shown. Its requests refuse a body
+over :data:`MAX_REQUEST_BODY` as it arrives, and take a request target in
+absolute form (``http://host/path``) as its path.
 
 It does not know how totals are written (``websocket``) or kept (``store``).
 """
@@ -13,6 +15,7 @@ It does not know how totals are written (``websocket``) or kept (``store``).
 from __future__ import annotations
 
 import re
+from io import BytesIO
 from typing import Any
 
 import msgspec
@@ -20,19 +23,33 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import BadHost, HTTPException, MethodNotAllowed
 
 from .store import IStepStore, Total
 
 USER_NOT_FOUND = b'{"error": "User doesn\'t exist"}'
 
+MAX_REQUEST_BODY = 64 * 1024
+"""
+Most bytes of request body accepted. No route reads a body; this only
+lets a client send a small one without being cut off.
+"""
+
+_JSON_HEADERS = (
+    (b"Content-Type", b"application/json"),
+    (b"Cache-Control", b"no-store"),
+)
+
 _encode = msgspec.json.encode
 # A '%' not followed by two hex digits.
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _PERCENT_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+# The scheme and authority of a request target in absolute form.
+_ABSOLUTE_FORM = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
 
 
 class BadPath(Exception):
@@ -57,6 +74,26 @@ def error_body(message: str) -> bytes:
     return _encode({"error": message})
 
 
+def origin_form(target: bytes) -> bytes:
+    """
+    The path and query of a request target. A target in absolute form
+    (``http://host/path?query``, which RFC 9112 section 3.2.2 says a server
+    must accept) loses its scheme and authority; the API does not depend on
+    the host, so the authority is ignored. Any other target is kept as sent.
+    """
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return target
+    rest = target[match.end() :]
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
+def _shown(value: bytes, limit: int = 100) -> str:
+    """``value`` as text fit to quote in an error message."""
+    text = value.decode("utf-8", "backslashreplace")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class TotalsAPI:
     """
     ``GET /users/{username}/steps``: a user's total, from ``store``.
@@ -75,6 +112,10 @@ class TotalsAPI:
 
     @app.route("/users/<path:_username>/steps", methods=["GET", "HEAD"])
     def steps(self, request: IRequest, _username: str) -> Deferred[bytes] | bytes:
+        # werkzeug upper-cases the method before matching it, but methods
+        # are case-sensitive (RFC 9110 section 9.1): "get" is not GET.
+        if request.method not in (b"GET", b"HEAD"):
+            raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
         # Twisted decodes %2F to "/" before routing, so the route matches
         # "a/b" for both /users/a%2Fb/steps and /users/a/b/steps. The raw
         # path tells them apart: the username is exactly one segment.
@@ -130,10 +171,12 @@ class TotalsAPI:
 class _JSONOnlyResource(Resource):
     """
     The root of the REST site: sets the headers every response carries,
-    rejects a badly encoded path before routing, and hands the rest to Klein.
+    rejects a badly encoded path or an unusable Host before routing, and
+    hands the rest to Klein.
     """
 
     isLeaf = True
+    log = Logger()
 
     def __init__(self, api: TotalsAPI) -> None:
         super().__init__()
@@ -141,26 +184,118 @@ class _JSONOnlyResource(Resource):
         self._routes = api.app.resource()
 
     def render(self, request: Any) -> Any:
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-store")
+        for name, value in _JSON_HEADERS:
+            request.setHeader(name, value)
         try:
             for segment in request.path.split(b"/"):
                 decode_segment(segment)
         except BadPath as e:
             request.setResponseCode(400)
             return error_body(str(e))
-        return self._routes.render(request)
+        # Klein binds werkzeug's URL map to the Host the client sent, though
+        # no route depends on it: Klein answers a Host that is not UTF-8 in
+        # plain text, and werkzeug raises BadHost for one it cannot
+        # IDNA-encode (an empty label, or one over 63 characters) before
+        # Klein's error handlers are in place. Either is the client's error
+        # (RFC 9112 section 3.2), so it gets a JSON 400 here.
+        try:
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return self._bad_host(request)
+        try:
+            return self._routes.render(request)
+        except BadHost:
+            return self._bad_host(request)
+
+    def _bad_host(self, request: Any) -> bytes:
+        host = _shown(request.getHeader(b"Host") or b"")
+        # Not warn: a client can send one on every request, and the log
+        # would say nothing the client was not told.
+        self.log.debug(
+            "Bad Host header {host} from {peer}",
+            host=host,
+            peer=request.getClientAddress(),
+        )
+        request.setResponseCode(400)
+        return error_body(f'Bad Host header "{host}": not a usable host name')
 
 
 class _QuietRequest(Request):
-    """A request whose failures are answered in JSON, never as HTML."""
+    """
+    A request whose failures are answered in JSON, never as HTML, and whose
+    body is refused, with a JSON 413, as soon as it is over
+    :data:`MAX_REQUEST_BODY`.
+
+    This relies on what ``HTTPChannel`` does with a request: it calls
+    ``gotLength`` once the headers are in, before any of the body and before
+    it answers ``Expect: 100-continue``; it hands every piece of the body to
+    ``handleContentChunk`` as it arrives, de-chunked; and it calls
+    ``requestReceived`` only once the whole body is in. ``Request`` itself
+    would spool a body of 100 kB or more to a temporary file, and answer
+    only after the last byte.
+    """
+
+    _body_size = 0
+    _body_refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        if length is not None and length > MAX_REQUEST_BODY:
+            # Answered with the 413 instead of "100 Continue" (RFC 9110
+            # section 10.1.1): the channel looks for Expect after this call.
+            self.requestHeaders.removeHeader(b"Expect")
+            self._refuse_body()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._body_refused:
+            return
+        self._body_size += len(data)
+        if self._body_size > MAX_REQUEST_BODY:
+            self._refuse_body()
+            return
+        assert self.content is not None
+        self.content.write(data)
+
+    def _refuse_body(self) -> None:
+        """
+        Answer 413 and close the connection. Closing stops the transport
+        reading, so nothing more the client sends is read or kept. The
+        request is never processed, so the response is written on the
+        channel directly, as Twisted's own 400 for a malformed request is.
+
+        Closing with unread data makes the kernel reset the connection, so a
+        client that sends its whole body before reading may see the reset
+        instead of the 413; reading and discarding for a while before
+        closing (a lingering close) would fix that.
+        """
+        self._body_refused = True
+        body = error_body(
+            f"Request body too large: at most {MAX_REQUEST_BODY} bytes, "
+            "and no route reads one"
+        )
+        headers = Headers()
+        for name, value in (
+            *_JSON_HEADERS,
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Connection", b"close"),
+        ):
+            headers.setRawHeaders(name, [value])
+        self.channel.writeHeaders(b"HTTP/1.1", b"413", b"Content Too Large", headers)
+        self.channel.write(body)
+        self.channel.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._body_refused:
+            # The end of a refused body came in the same read as its excess.
+            return
+        super().requestReceived(command, origin_form(path), version)
 
     def processingFailed(self, reason: Failure) -> None:
         TotalsAPI.log.failure("Fault while answering a request", reason)
         if not self.startedWriting:
             self.setResponseCode(500)
-            self.setHeader(b"Content-Type", b"application/json")
-            self.setHeader(b"Cache-Control", b"no-store")
+            for name, value in _JSON_HEADERS:
+                self.setHeader(name, value)
             self.write(error_body("Internal server error"))
         self.finish()
 

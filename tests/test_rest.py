@@ -42,8 +42,12 @@ class Client:
     def __init__(self, store: MemoryStore) -> None:
         self.stub: Any = StubTreq(totals_site(store).resource)
 
-    def request(self, method: str, path: str) -> Answer:
-        response = result_of(self.stub.request(method, "http://localhost:8080" + path))
+    def request(
+        self, method: str, path: str, headers: dict[bytes, list[bytes]] | None = None
+    ) -> Answer:
+        response = result_of(
+            self.stub.request(method, "http://localhost:8080" + path, headers=headers)
+        )
         body = result_of(self.stub.content(response))
         return Answer(response.code, response.headers, body)
 
@@ -216,3 +220,19 @@ def test_fault_is_a_500_with_no_traceback(store_class: type[MemoryStore]) -> Non
     assert_json_response(answer)
     failures = [e for e in events if e.get("log_level") == LogLevel.critical]
     assert any("disk on fire" in str(e.get("log_failure")) for e in failures)
+
+
+BAD_HOSTS = [b"..", b"a..b", b".example", b"a" * 64 + b".com", b"a" * 254, b"\xff\xfe"]
+
+
+@pytest.mark.parametrize("host", BAD_HOSTS)
+def test_unusable_host_is_a_json_400(client: Client, host: bytes) -> None:
+    """A Host that is no usable name is a JSON 400 naming it, not a logged fault."""
+    with capturedLogs() as events:
+        answer = client.request("GET", "/users/luisa/steps", {b"Host": [host]})
+    assert answer.status == 400
+    assert_json_response(answer)
+    shown = host[:100].decode("utf-8", "backslashreplace")
+    assert shown in answer.json()["error"]
+    assert not [e for e in events if e["log_level"] > LogLevel.info]
+    assert not [e for e in events if "log_failure" in e or e.get("isError")]
