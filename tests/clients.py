@@ -22,6 +22,7 @@ from twisted.internet.endpoints import (
     connectProtocol,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
@@ -190,3 +191,29 @@ async def wait_for_total(
                 f"{result.status} {result.body!r}"
             )
         await deferLater(reactor, 0.01, lambda: None)
+
+
+class RawClient(Protocol):
+    """A plain TCP client that records what it receives and when it is cut off."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.lost.called:  # not if a timeout cancelled the wait
+            self.lost.callback(None)
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+async def raw_connect(reactor: Any, port: int) -> RawClient:
+    """Connect a :class:`RawClient` to ``port`` on 127.0.0.1."""
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    return client

@@ -15,13 +15,9 @@ import msgspec
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
     TCP4ServerEndpoint,
-    connectProtocol,
 )
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, capturedLogs
 
@@ -29,6 +25,8 @@ from steptrackd.rest import MAX_REQUEST_BODY
 from steptrackd.server import RunningServer, start_server
 from steptrackd.store import MemoryStore
 from steptrackd.update import Update
+
+from .clients import RawClient, raw_connect
 
 reactor: Any = global_reactor
 
@@ -50,33 +48,11 @@ async def server() -> AsyncIterator[RunningServer]:
     await running.close()
 
 
-class _RawClient(Protocol):
-    """A TCP client that records what it receives and when it is cut off."""
-
-    def __init__(self) -> None:
-        self.lost: Deferred[None] = Deferred()
-        self.data = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if not self.lost.called:  # not if a timeout cancelled the wait
-            self.lost.callback(None)
-
-    def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+async def _connect(server: RunningServer) -> RawClient:
+    return await raw_connect(reactor, server.rest_address.port)
 
 
-async def _connect(server: RunningServer) -> _RawClient:
-    client = _RawClient()
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.rest_address.port)
-    await connectProtocol(endpoint, client)
-    return client
-
-
-async def _until_closed(client: _RawClient) -> None:
+async def _until_closed(client: RawClient) -> None:
     """Wait for the connection to end; fail after ``TIMEOUT`` seconds."""
     await client.lost.addTimeout(TIMEOUT, reactor)
 
@@ -246,7 +222,7 @@ async def test_body_limit_is_exact(server: RunningServer) -> None:
     assert_413(client.data)
 
 
-async def _stream_until_cut_off(client: _RawClient, piece: bytes) -> int:
+async def _stream_until_cut_off(client: RawClient, piece: bytes) -> int:
     """
     Keep sending ``piece`` until the server closes the connection; fail if
     it still reads after 64 MiB or ``TIMEOUT`` seconds. Returns bytes sent.

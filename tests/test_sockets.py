@@ -15,14 +15,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
-    connectProtocol,
 )
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -30,7 +26,7 @@ from steptrackd.server import ProtocolLimits, RunningServer, start_server
 from steptrackd.sqlite_store import SQLiteStore
 from steptrackd.store import MemoryStore
 
-from .clients import Closed, http, open_ws, wait_for_total
+from .clients import Closed, http, open_ws, raw_connect, wait_for_total
 
 reactor: Any = global_reactor
 
@@ -54,26 +50,6 @@ async def server() -> AsyncIterator[RunningServer]:
 
 def _ports(server: RunningServer) -> tuple[int, int]:
     return server.ws_address.port, server.rest_address.port
-
-
-class _RawClient(Protocol):
-    """A TCP client that records what it receives and when it is cut off."""
-
-    def __init__(self) -> None:
-        self.lost: Deferred[None] = Deferred()
-        self.data = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost.callback(None)
-
-
-async def _raw_connect(port: int) -> _RawClient:
-    raw = _RawClient()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), raw)
-    return raw
 
 
 @pytest_twisted.ensureDeferred
@@ -119,9 +95,9 @@ async def test_close_ends_idle_http_keepalive_connections() -> None:
     running = await _start()
     _, rest_port = _ports(running)
 
-    raw = await _raw_connect(rest_port)
+    raw = await raw_connect(reactor, rest_port)
     assert raw.transport is not None
-    raw.transport.write(b"GET /users/x/steps HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw.send(b"GET /users/x/steps HTTP/1.1\r\nHost: x\r\n\r\n")
     while b"User doesn't exist" not in raw.data:
         await deferLater(reactor, 0.01, lambda: None)
     await running.close()
@@ -155,8 +131,8 @@ async def test_silent_client_is_dropped_after_the_handshake_timeout() -> None:
     """A client that never finishes the opening handshake is disconnected."""
     running = await _start(ProtocolLimits(handshake_timeout=0.2))
     try:
-        raw = await _raw_connect(running.ws_address.port)
-        raw.transport.write(b"GET / HTTP/1.1\r\n")  # type: ignore[union-attr]
+        raw = await raw_connect(reactor, running.ws_address.port)
+        raw.send(b"GET / HTTP/1.1\r\n")
         await raw.lost
         assert b"101" not in raw.data
     finally:
@@ -168,8 +144,8 @@ async def test_peer_that_never_answers_pings_is_dropped() -> None:
     """Keepalive: a peer that does not answer a ping in time is disconnected."""
     running = await _start(ProtocolLimits(ping_interval=0.1, ping_timeout=0.2))
     try:
-        raw = await _raw_connect(running.ws_address.port)
-        raw.transport.write(_HANDSHAKE)  # type: ignore[union-attr]
+        raw = await raw_connect(reactor, running.ws_address.port)
+        raw.send(_HANDSHAKE)
         await raw.lost
         assert raw.data.startswith(b"HTTP/1.1 101")
         # The server pinged (opcode 0x9) before giving up.
