@@ -31,8 +31,9 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionRequest
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
@@ -44,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__
+from . import __version__, footprint
 from .rejections import RejectionCounter
 from .store import IStepStore, Outcome, StoreWriteFailed
 from .update import InvalidUpdate, Reason, Update, UpdateDecoder
@@ -96,8 +97,37 @@ class _PendingReply:
     applied: list[tuple[int, Update]] = field(default_factory=list)
 
 
+_NO_REPLIES: Final[deque[_PendingReply]] = deque(maxlen=0)
+"""The replies of every version 1 connection: there are none, and a deque
+of its own would cost each connection 760 bytes."""
+
+
+_NOT_PAUSED: Final[frozenset[str]] = frozenset()
+"""No reason to pause: shared, where an empty set would cost every
+connection 216 bytes."""
+
+
+@implementer(IPushProducer)
 class StepUpdateProtocol(WebSocketServerProtocol):
     """One device connection, speaking version 1 or 2 of the protocol."""
+
+    # Slots instead of a dictionary entry per attribute: see ``footprint``.
+    # An attribute added to this class without a slot still works, at the
+    # cost of a dictionary entry for each connection.
+    __slots__ = (
+        *footprint.AUTOBAHN_CONNECTION_STATE,
+        "version",
+        "_pending",
+        "_replies",
+        "_seq",
+        "_in_flight",
+        "_pause_reasons",
+        "_frames_in_message",
+        "_open_when_read_began",
+        "_drop_deadline",
+        "_closed",
+        "_lost",
+    )
 
     factory: StepUpdateFactory
     # Autobahn logs every failed connection at warning level, which lets any
@@ -108,21 +138,31 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         super().__init__()
         self.version = 1
         self._pending: list[Update] = []
-        self._replies: deque[_PendingReply] = deque()
+        self._replies: deque[_PendingReply] = _NO_REPLIES
         self._seq = 0
         self._in_flight = 0
         # Why reading is paused: "store" (too many store calls outstanding),
         # "replies" (the client does not read what we send).
-        self._pause_reasons: set[str] = set()
+        self._pause_reasons = _NOT_PAUSED
         self._frames_in_message = 0
         self._open_when_read_began = False
         self._drop_deadline: IDelayedCall | None = None
-        self.closed: Deferred[None] = Deferred()
+        self._closed: Deferred[None] | None = None
+        self._lost = False
+
+    @property
+    def closed(self) -> Deferred[None]:
         """Fires once the TCP connection is gone."""
+        # Made when first asked for (at shutdown, mostly), not with every
+        # connection.
+        if self._closed is None:
+            self._closed = succeed(None) if self._lost else Deferred()
+        return self._closed
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if SUBPROTOCOL_V2 in request.protocols:
             self.version = 2
+            self._replies = deque()
             return SUBPROTOCOL_V2
         # Version 1 has no subprotocol; a client that offers only
         # subprotocols we do not speak is answered without one.
@@ -130,11 +170,32 @@ class StepUpdateProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._share_what_is_the_same()
         self.factory.connections.add(self)
         # The transport tells us when its send buffer fills up, so that a
         # client that sends batches but never reads the replies is not read
         # from either, instead of making us buffer replies without bound.
-        self.transport.registerProducer(_ReplyFlow(self), True)  # type: ignore[union-attr]
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+
+    def _share_what_is_the_same(self) -> None:
+        # Autobahn gives each connection an empty send queue and traffic
+        # counters of its own; steptrack never paces writes and never reads
+        # the counters, so all connections share one of each (see
+        # ``footprint``): the counters then count all connections together.
+        self.send_queue = footprint.NO_SEND_QUEUE
+        self.trafficStats = self.factory.traffic
+
+    def sendData(
+        self, data: bytes, sync: bool = False, chopsize: int | None = None
+    ) -> None:
+        if (sync or chopsize) and self.send_queue is footprint.NO_SEND_QUEUE:
+            # A paced write: Autobahn queues it, so the connection needs a
+            # queue of its own from now on.
+            self.send_queue = deque()
+        super().sendData(data, sync, chopsize)
+
+    def onOpen(self) -> None:
+        footprint.forget_handshake(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
@@ -143,7 +204,9 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.factory.connections.discard(self)
             if self._drop_deadline is not None and self._drop_deadline.active():
                 self._drop_deadline.cancel()
-            self.closed.callback(None)
+            self._lost = True
+            if self._closed is not None:
+                self._closed.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's own dataReceived only adds a debug log line per read.
@@ -330,12 +393,12 @@ class StepUpdateProtocol(WebSocketServerProtocol):
     def pause_reading(self, reason: str) -> None:
         if not self._pause_reasons and self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
-        self._pause_reasons.add(reason)
+        self._pause_reasons |= {reason}
 
     def resume_reading(self, reason: str) -> None:
         if reason not in self._pause_reasons:
             return
-        self._pause_reasons.discard(reason)
+        self._pause_reasons -= {reason}
         if not self._pause_reasons and self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
@@ -350,23 +413,16 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             # Still in the opening handshake, or already closing.
             self.dropConnection(abort=True)
 
-
-@implementer(IPushProducer)
-class _ReplyFlow:
-    """
-    Registered with a connection's transport, which pauses it while its send
-    buffer is full: the connection then stops reading until the client has
-    taken its replies.
-    """
-
-    def __init__(self, connection: StepUpdateProtocol) -> None:
-        self._connection = connection
+    # -- IPushProducer: the connection is registered with its own transport,
+    # which pauses it while its send buffer is full; the connection then
+    # stops reading until the client has taken its replies. (No object of
+    # its own for this: one more per connection would cost 100 bytes.)
 
     def pauseProducing(self) -> None:
-        self._connection.pause_reading("replies")
+        self.pause_reading("replies")
 
     def resumeProducing(self) -> None:
-        self._connection.resume_reading("replies")
+        self.resume_reading("replies")
 
     def stopProducing(self) -> None:
         pass
@@ -405,6 +461,8 @@ class StepUpdateFactory(WebSocketServerFactory):
         self.rejections = rejections
         self.decoder = decoder if decoder is not None else UpdateDecoder()
         self.connections: set[StepUpdateProtocol] = set()
+        self.traffic = TrafficStats()
+        """Autobahn's traffic counters, for all connections together."""
         self.setProtocolOptions(
             webStatus=False,
             maxFramePayloadSize=max_message_size,
@@ -419,6 +477,13 @@ class StepUpdateFactory(WebSocketServerFactory):
             # No permessage-deflate: its inflated size would be unbounded.
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def setProtocolOptions(self, *args: Any, **options: Any) -> None:
+        super().setProtocolOptions(*args, **options)
+        # Connections take the options from their class (see ``footprint``),
+        # so changed options need a new class; connections already open
+        # keep theirs, as with Autobahn's own copying.
+        self.protocol = footprint.connection_class(StepUpdateProtocol, self)
 
     def apply(self, updates: list[Update]) -> Deferred[list[Outcome]] | None:
         """
