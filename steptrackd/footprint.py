@@ -2,22 +2,29 @@
 What each WebSocket connection keeps in memory, and how it is kept small.
 
 A daemon with tens of thousands of devices holds most of them idle, so the
-memory of an idle connection is what decides how many fit. Autobahn keeps
-everything about a connection as instance attributes: about a hundred of
-them, which Python stores in a dictionary of several kilobytes, and some of
-them (the options, the HTTP request) are the same for every connection or
+memory of an idle connection decides how many fit. Autobahn keeps
+everything about a connection as instance attributes, about a hundred of
+them, which Python stores in a dictionary of over 3 KB; some of them (the
+options) are the same for every connection, others (the HTTP request) are
 never read again once the connection is open. This module holds the means
 ``websocket`` uses to keep less, all through subclassing and Autobahn's own
-options, without changing Autobahn:
+interfaces, without changing Autobahn:
 
-- the options become class attributes of a class made for each factory,
-  so that Autobahn, which copies an option to a connection only when the
-  connection does not have it yet, copies none;
-- Autobahn's per-connection attributes are given ``__slots__`` (8 bytes
-  each, instead of a dictionary entry);
-- what only the opening handshake needs is dropped once it is done.
+- the options become class attributes of a class made for each factory:
+  Autobahn copies an option to a connection only when the connection does
+  not have it yet, so it copies none (``connection_class``);
+- Autobahn's per-connection attributes get ``__slots__``, 8 bytes each
+  instead of a dictionary entry (``AUTOBAHN_CONNECTION_STATE``);
+- what only the opening handshake needs is dropped once it is done
+  (``forget_handshake``);
+- what Autobahn makes for every connection but steptrack never uses (a send
+  queue, an event registry) is shared or dropped (``NO_SEND_QUEUE``,
+  ``forget_event_registry``);
+- every TCP transport keeps its attributes in CPython's compact form, even
+  after a burst of connections (``settle_transport_attributes``).
 
-It is not about the per-message path, and it changes no behaviour.
+The timeouts of all connections are batched by ``timeouts``. None of this
+changes what a connection does, nor the per-message path.
 """
 
 from __future__ import annotations
@@ -162,3 +169,45 @@ def forget_handshake(connection: object) -> None:
     """Drop what only the opening handshake needed, once it is done."""
     for name in HANDSHAKE_ONLY:
         setattr(connection, name, None)
+    # The handshake lists the extensions it agreed to in a new list; it
+    # agrees to none (permessage-deflate is refused), and nothing adds to
+    # the list afterwards.
+    connection.websocket_extensions_in_use = ()  # type: ignore[attr-defined]
+
+
+def forget_event_registry(connection: object) -> None:
+    """
+    Drop the event registry Autobahn gives each connection (a list and a
+    dictionary, 250 bytes), for its one event, "message", which is never
+    fired here: ``StepUpdateProtocol`` replaces the method that fires it,
+    so a listener added with ``on("message")`` would never be called
+    anyway. Autobahn's class-level defaults take over: no events.
+    """
+    del connection._valid_events  # type: ignore[attr-defined]
+    del connection._results  # type: ignore[attr-defined]
+
+
+TRANSPORT_LATE_ATTRIBUTES: Final = ("dataBuffer", "offset", "_tempDataLen")
+"""Attributes a Twisted TCP transport sets only at its first write."""
+
+
+def settle_transport_attributes(transport: object) -> None:
+    """
+    Make sure every TCP transport of the process keeps its attributes in
+    the compact form, by setting at once, to the values they have, those
+    it would otherwise set only at its first write.
+
+    CPython (3.11 and 3.12) keeps the attribute names of all instances of a
+    class in one table and each instance's values in a small array, but
+    that table takes new names only while few instances have been made
+    (each new instance shrinks the room left). An instance that sets a
+    name the table can no longer take gets a dictionary of its own instead,
+    of about 800 bytes. Twisted accepts up to 100 connections in a row, so
+    after a burst of connections at start (devices reconnecting after a
+    restart) the table could close before any transport has written, and
+    every transport made afterwards would carry a dictionary, for the life
+    of the process.
+    """
+    for name in TRANSPORT_LATE_ATTRIBUTES:
+        if hasattr(transport, name):
+            setattr(transport, name, getattr(transport, name))

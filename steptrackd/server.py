@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
-from . import __version__
+from . import __version__, footprint
 from .rejections import RejectionCounter
 from .rest import totals_site
 from .store import IStepStore, StoreUnusable
@@ -171,6 +171,10 @@ class _TrackedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # The WebSocket connections' transports are of the same class, and
+        # a burst of HTTP connections at start could otherwise cost each of
+        # them a dictionary: see the function's docstring.
+        footprint.settle_transport_attributes(self.transport)
         self.factory.channels.add(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

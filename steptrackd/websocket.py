@@ -17,6 +17,11 @@ Two versions of the protocol share one connection class:
 
 The version 1 path is kept short on purpose: one decode, one append; the
 updates decoded from one network read reach the store in a single call.
+
+An idle connection is kept small (most devices are idle most of the time):
+Autobahn's per-connection state lives in slots, its options on a class
+shared by all connections, and what is the same for every connection is
+shared; ``footprint`` says how, ``timeouts`` does the timeouts.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from zope.interface import implementer
 from . import __version__, footprint
 from .rejections import RejectionCounter
 from .store import IStepStore, Outcome, StoreWriteFailed
+from .timeouts import BatchedTimeouts
 from .update import InvalidUpdate, Reason, Update, UpdateDecoder
 
 CLOSE_GOING_AWAY = 1001
@@ -99,7 +105,8 @@ class _PendingReply:
 
 _NO_REPLIES: Final[deque[_PendingReply]] = deque(maxlen=0)
 """The replies of every version 1 connection: there are none, and a deque
-of its own would cost each connection 760 bytes."""
+of its own would cost each connection 760 bytes. Nothing is ever added to
+it: ``onConnect`` gives each version 2 connection a deque of its own."""
 
 
 _NOT_PAUSED: Final[frozenset[str]] = frozenset()
@@ -136,6 +143,7 @@ class StepUpdateProtocol(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
+        footprint.forget_event_registry(self)
         self.version = 1
         self._pending: list[Update] = []
         self._replies: deque[_PendingReply] = _NO_REPLIES
@@ -184,6 +192,7 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         # ``footprint``): the counters then count all connections together.
         self.send_queue = footprint.NO_SEND_QUEUE
         self.trafficStats = self.factory.traffic
+        footprint.settle_transport_attributes(self.transport)
 
     def sendData(
         self, data: bytes, sync: bool = False, chopsize: int | None = None
@@ -455,6 +464,10 @@ class StepUpdateFactory(WebSocketServerFactory):
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         super().__init__(server=f"steptrack/{__version__}", reactor=reactor)
+        # Autobahn schedules every connection's timeouts (handshake, ping,
+        # pong, close) through this attribute; see ``timeouts`` for why not
+        # txaio's.
+        self._batched_timer = BatchedTimeouts(reactor)
         self.max_batch = max_batch
         self.close_timeout = close_timeout
         self.store = store
