@@ -15,13 +15,13 @@ Two versions of the protocol share one connection class:
   per message, each with an update_id, and one reply per message, in order,
   once the store has committed its updates.
 
-The version 1 path is kept short on purpose: one decode, one append; the
-updates decoded from one network read reach the store in a single call.
-
 An idle connection is kept small (most devices are idle most of the time):
 Autobahn's per-connection state lives in slots, its options on a class
 shared by all connections, and what is the same for every connection is
 shared; ``footprint`` says how, ``timeouts`` does the timeouts.
+
+The version 1 path is kept short on purpose: one decode, one append; the
+updates decoded from one network read reach the store in a single call.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionRequest
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
@@ -50,10 +50,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__, footprint
+from . import __version__, footprint, timeouts
 from .rejections import RejectionCounter
 from .store import IStepStore, Outcome, StoreWriteFailed
-from .timeouts import BatchedTimeouts
 from .update import InvalidUpdate, Reason, Update, UpdateDecoder
 
 CLOSE_GOING_AWAY = 1001
@@ -133,7 +132,6 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         "_open_when_read_began",
         "_drop_deadline",
         "_closed",
-        "_lost",
     )
 
     factory: StepUpdateFactory
@@ -156,15 +154,14 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         self._open_when_read_began = False
         self._drop_deadline: IDelayedCall | None = None
         self._closed: Deferred[None] | None = None
-        self._lost = False
 
     @property
     def closed(self) -> Deferred[None]:
         """Fires once the TCP connection is gone."""
-        # Made when first asked for (at shutdown, mostly), not with every
-        # connection.
+        # Made when first asked for (at shutdown, or once the connection is
+        # lost), not with every connection.
         if self._closed is None:
-            self._closed = succeed(None) if self._lost else Deferred()
+            self._closed = Deferred()
         return self._closed
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
@@ -213,9 +210,7 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.factory.connections.discard(self)
             if self._drop_deadline is not None and self._drop_deadline.active():
                 self._drop_deadline.cancel()
-            self._lost = True
-            if self._closed is not None:
-                self._closed.callback(None)
+            self.closed.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's own dataReceived only adds a debug log line per read.
@@ -467,7 +462,7 @@ class StepUpdateFactory(WebSocketServerFactory):
         # Autobahn schedules every connection's timeouts (handshake, ping,
         # pong, close) through this attribute; see ``timeouts`` for why not
         # txaio's.
-        self._batched_timer = BatchedTimeouts(reactor)
+        self._batched_timer = timeouts.BatchedTimeouts(reactor)
         self.max_batch = max_batch
         self.close_timeout = close_timeout
         self.store = store

@@ -157,8 +157,8 @@ async def test_peer_that_never_answers_pings_is_dropped() -> None:
 @pytest_twisted.ensureDeferred
 async def test_live_peer_survives_pings() -> None:
     """A client that answers pings keeps its connection through several pings."""
-    # Autobahn's timers round delays down to whole seconds, so a 0.05 s
-    # interval pings at once, and a 2 s timeout leaves at least 1 s.
+    # Timeouts fire on quarter seconds, so a 0.05 s interval pings about
+    # four times a second, each ping with at least 2 s to be answered.
     running = await _start(ProtocolLimits(ping_interval=0.05, ping_timeout=2))
     try:
         client = await open_ws(reactor, "127.0.0.1", running.ws_address.port)
