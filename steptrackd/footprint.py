@@ -30,7 +30,7 @@ changes what a connection does, nor the per-message path.
 from __future__ import annotations
 
 from collections import deque
-from types import FunctionType
+from types import FunctionType, MemberDescriptorType
 from typing import Any, Final, TypeVar
 
 AUTOBAHN_CONNECTION_STATE: Final = (
@@ -146,10 +146,15 @@ def connection_class(base: type[_Protocol], factory: Any) -> type[_Protocol]:
     """
     A subclass of ``base`` (an Autobahn protocol class) that has the
     factory's current options as class attributes, so that its connections
-    share them instead of each holding a copy.
+    share them instead of each holding a copy. An option that ``base``
+    keeps in a slot (one a connection changes for itself) is left out:
+    Autobahn then copies it into each connection's slot, as it would
+    without this class.
     """
     options = {}
     for name in base.CONFIG_ATTRS:  # type: ignore[attr-defined]
+        if isinstance(getattr(base, name, None), MemberDescriptorType):
+            continue
         value = getattr(factory, name)
         # A function as a class attribute would become a method; Autobahn
         # calls its function-valued options as plain functions.

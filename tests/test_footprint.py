@@ -237,3 +237,20 @@ def test_what_all_connections_share_stays_shared() -> None:
     assert v1.protocol.trafficStats is adapter.factory.traffic
     assert adapter.factory.traffic.incomingWebSocketMessages == 1
     result_of(adapter.store.close())
+
+
+def test_an_option_a_connection_changes_stays_per_connection() -> None:
+    """An option kept in a slot is left to Autobahn's copy, not put on the class."""
+
+    class Base:
+        CONFIG_ATTRS = ("shared", "own")
+        __slots__ = ("own",)
+
+    class Factory:
+        shared = "for all"
+        own = "for one"
+
+    made = footprint.connection_class(Base, Factory())
+    assert made.shared == "for all"  # type: ignore[attr-defined]
+    assert "own" not in vars(made)
+    assert issubclass(made, Base)
