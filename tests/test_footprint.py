@@ -77,6 +77,9 @@ def test_answered_pings_keep_the_connection() -> None:
         device.send(frame(ping, PONG))
     assert not device.transport.aborted
     assert device.protocol.state == device.protocol.STATE_OPEN
+    # Frames after a pong are unmasked as before.
+    device.send(frame(update(username="after", ts=2, newSteps=3)))
+    assert adapter.total("after") == Total(3, 2)
     result_of(adapter.store.close())
 
 
