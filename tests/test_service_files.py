@@ -396,6 +396,7 @@ def test_systemd_unit(tmp_path: Path) -> None:
         "EnvironmentFile": {"-/etc/default/steptrack"},
         "NoNewPrivileges": {"yes"},
         "ProtectSystem": {"strict"},
+        "KillMode": {"mixed"},
         "ProtectHome": {"yes"},
         "PrivateTmp": {"yes"},
         "PrivateDevices": {"yes"},
