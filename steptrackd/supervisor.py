@@ -24,7 +24,6 @@ This module knows processes and file descriptors; what a worker serves is
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import socket
@@ -223,6 +222,8 @@ class Supervisor(Service):
         self._announced = False
         self._stopping = False
         self._restarts: dict[int, IDelayedCall] = {}
+        self.exit_status = 0
+        """What the daemon's exit status should be: 1 if it could not start."""
 
     # -- starting --
 
@@ -326,7 +327,7 @@ class Supervisor(Service):
                 index=worker.index,
                 reason=reason.getErrorMessage(),
             )
-            _exit_with_status_1()
+            self.exit_status = 1
             self.reactor.stop()
             return
         _log.error(
@@ -392,16 +393,14 @@ def _chain(deferred: Deferred[None]) -> Deferred[None]:
     return chained
 
 
-def _exit_with_status_1() -> None:
+def exit_with_status_of(supervisor: Supervisor) -> None:
     """
-    Make the process end with status 1 once twistd has finished (pidfile
-    removed, logs flushed). twistd itself always ends with 0 after its
-    reactor stops, and the failure here is found only once it runs.
+    Registered with ``atexit`` by the twistd plugin: ends the process with
+    the supervisor's exit status once twistd has finished (pidfile removed,
+    log written). twistd itself always ends with 0 after its reactor stops,
+    and a worker's failure to start is found only once the reactor runs.
     """
-
-    def exit() -> None:
+    if supervisor.exit_status:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
-
-    atexit.register(exit)
+        os._exit(supervisor.exit_status)

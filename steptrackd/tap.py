@@ -9,6 +9,7 @@ Autobahn or Klein.
 
 from __future__ import annotations
 
+import atexit
 import re
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ from .store import (
     check_store_url,
     open_store,
 )
-from .supervisor import Supervisor, usable_cores
+from .supervisor import Supervisor, exit_with_status_of, usable_cores
 from .update import MAX_SAFE_INTEGER
 
 DEFAULT_WS_LISTEN = r"tcp6:8081:interface=\:\:"
@@ -238,7 +239,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     if options["workers"] > 1:
-        return Supervisor(
+        supervisor = Supervisor(
             reactor,
             serverFromString(reactor, options["ws-listen"]),
             serverFromString(reactor, options["rest-listen"]),
@@ -249,6 +250,8 @@ def makeService(options: Options) -> IService:
             ws_description=options["ws-listen"],
             rest_description=options["rest-listen"],
         )
+        atexit.register(exit_with_status_of, supervisor)
+        return supervisor
     store = open_store(options["store"], reactor, options["dedupe-retention"])
     return SteptrackService(
         reactor,
