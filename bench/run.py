@@ -79,9 +79,9 @@ import proctree
 REPOSITORY = Path(__file__).resolve().parent.parent
 BENCH = REPOSITORY / "bench"
 CACHE = BENCH / ".cache"
-CLIENT_TIMEOUT_S = 120
+CLIENT_TIMEOUT_S = 300
 """--timeout given to the load clients: the bound on one timed phase."""
-CLIENT_WALL_LIMIT_S = 300
+CLIENT_WALL_LIMIT_S = 600
 """A client process still running after this long is killed."""
 START_LIMIT_S = 30.0
 STOP_LIMIT_S = 10.0
