@@ -7,11 +7,12 @@ committing goes into the next one, up to a bounded size. Totals, ts and the
 ids of applied updates change in the same transaction, so a crash can never
 count an update without remembering its id, or the reverse.
 
-Nothing is read from disk after start. The committed totals and the ids
-applied within the retention period are loaded into memory when the store
-starts and updated by the writer only after each commit: readers see
-committed state and nothing else, and telling a resend from a new update
-costs a dictionary lookup, not a B-tree search on disk. On disk, applied ids
+Reads never touch the disk. The committed totals and the ids applied
+within the retention period are loaded into memory when the store starts,
+and the writer thread updates them only with committed state: its own
+groups once committed, and (when shared) what other processes committed.
+Readers see committed state and nothing else, and telling a resend from a
+new update costs a dictionary lookup, not a B-tree search on disk. On disk, applied ids
 are an append-only log (cheap to write in order), pruned from its old end.
 
 Several processes can share one database (``shared=True``): each worker
