@@ -25,10 +25,10 @@ since it last looked, so exactly-once and "ts is the greatest" hold across
 all of them. Between groups it looks at least every ``share_interval``
 seconds (``PRAGMA data_version`` says, without reading a table, whether
 another connection committed), so that its readers see the others' totals
-soon after they commit. A table, ``commit_counter``, numbers the groups;
-each total carries the number of the group that last changed it, and each
-applied id a key that is never reused: "what changed since N" is an index
-range, not a scan.
+soon after they commit. A table, ``commit_counter``, numbers the groups
+of shared stores; each total carries the number of the group that last
+changed it, and each applied id a key that is never reused: "what changed
+since N" is an index range, not a scan.
 
 Outside shared mode one process owns the database, enforced by a lock file
 (``PATH.lock``, see :func:`lock_database`); in shared mode the supervising
@@ -161,6 +161,17 @@ _INSERT_ID = (
     "INSERT INTO applied_ids (username, update_id, applied_at) VALUES (?, ?, ?)"
 )
 _UPSERT_TOTALS = (
+    "INSERT INTO totals (username, steps, ts) SELECT json_extract(value, '$[0]'),"
+    " json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)"
+    " WHERE true ON CONFLICT (username)"
+    " DO UPDATE SET steps = excluded.steps, ts = excluded.ts"
+)
+# A shared store also numbers its group and marks the totals it changed
+# with that number. A store that is not shared leaves both alone, which
+# spares an index update per changed total (about a third of the cost of
+# writing a group): it is the only writer while it runs (the daemon lock
+# says so), and a store opened after it reads every total at start.
+_UPSERT_SHARED_TOTALS = (
     "INSERT INTO totals SELECT json_extract(value, '$[0]'),"
     " json_extract(value, '$[1]'), json_extract(value, '$[2]'), ?2"
     " FROM json_each(?1) WHERE true ON CONFLICT (username)"
@@ -706,7 +717,7 @@ class SQLiteStore(Service):
         number = last_id = None
         # A group that changed nothing (all duplicates, say) writes nothing,
         # and its commit costs no sync.
-        if changed:
+        if changed and self.shared:
             (number,) = connection.execute(_NEXT_GROUP).fetchone()
         if rows:
             encoded_rows = _encode(rows)
@@ -718,10 +729,11 @@ class SQLiteStore(Service):
             else:
                 last_id = connection.execute(_INSERT_IDS, (encoded_rows,)).lastrowid
         if changed:
-            connection.execute(
-                _UPSERT_TOTALS,
-                (_encode([(name, *total) for name, total in changed.items()]), number),
-            )
+            totals = _encode([(name, *total) for name, total in changed.items()])
+            if number is None:
+                connection.execute(_UPSERT_TOTALS, (totals,))
+            else:
+                connection.execute(_UPSERT_SHARED_TOTALS, (totals, number))
         if self.before_commit is not None:
             self.before_commit(connection)
         return changed, applied, number, last_id

@@ -144,10 +144,24 @@ def test_older_database_is_migrated(path: Path, version: int) -> None:
         (len(old) + 1, "old", "z", 0.0)
     ]
     steps = 43 if version > 0 else 1
+    # Only shared stores number their groups (a store alone need not).
     assert connection.execute("SELECT steps, ts, seq FROM totals").fetchall() == [
-        (steps, 9, 1)
+        (steps, 9, 0)
+    ]
+    connection.close()
+    shared = SQLiteStore(str(path), THREAD_CALLS, Clock(), shared=True)
+    shared.startService()
+    assert result_of(shared.total("old")) == Total(steps, 9)
+    assert result_of(shared.apply([Update("old", 10, 1, "w")])) == [Outcome.APPLIED]
+    result_of(shared.close())
+    connection = sqlite3.connect(path)
+    assert connection.execute("SELECT steps, ts, seq FROM totals").fetchall() == [
+        (steps + 1, 10, 1)
     ]
     assert connection.execute("SELECT seq FROM commit_counter").fetchall() == [(1,)]
+    assert connection.execute("SELECT max(id) FROM applied_ids").fetchone() == (
+        len(old) + 2,
+    )
     connection.close()
 
 
