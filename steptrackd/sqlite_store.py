@@ -12,8 +12,9 @@ within the retention period are loaded into memory when the store starts,
 and the writer thread updates them only with committed state: its own
 groups once committed, and (when shared) what other processes committed.
 Readers see committed state and nothing else, and telling a resend from a
-new update costs a dictionary lookup, not a B-tree search on disk. On disk, applied ids
-are an append-only log (cheap to write in order), pruned from its old end.
+new update costs a dictionary lookup, not a B-tree search on disk. On disk,
+applied ids are an append-only log (cheap to write in order), pruned from
+its old end.
 
 Several processes can share one database (``shared=True``): each worker
 process of one daemon runs its own store on the same file. Writers take
@@ -562,7 +563,9 @@ class SQLiteStore(Service):
         """Between groups: load what other processes committed, if anything."""
         try:
             (version,) = connection.execute("PRAGMA data_version").fetchone()
-            if version != self._seen_version:
+            if version == self._seen_version:
+                self._caught_up()
+            else:
                 with _reading(connection):
                     self._catch_up(connection)
         except Exception as e:
@@ -579,15 +582,8 @@ class SQLiteStore(Service):
                     path=self.path,
                     error=str(e),
                 )
-        else:
-            if self._looks_fail:
-                self._looks_fail = False
-                self._reactor.callFromThread(
-                    _log.info,
-                    "Reading what other processes committed to {path} works again",
-                    path=self.path,
-                )
-        self._next_look = time.monotonic() + self.share_interval
+            # Try again at the next look, not at once.
+            self._next_look = time.monotonic() + self.share_interval
 
     def _catch_up(self, connection: sqlite3.Connection) -> None:
         """
@@ -601,21 +597,31 @@ class SQLiteStore(Service):
         # The first statement of the transaction: the version that
         # describes the state this transaction reads.
         (version,) = connection.execute("PRAGMA data_version").fetchone()
-        if version == self._seen_version:
-            return  # no other connection committed since
-        (last_group,) = connection.execute(_LAST_GROUP).fetchone()
-        if last_group != self._seen_group:
-            totals = connection.execute(_TOTALS_SINCE, (self._seen_group,))
-            changed = {username: (steps, ts) for username, steps, ts in totals}
-            ids = connection.execute(_IDS_SINCE, (self._seen_id,)).fetchall()
-            last_id = _last_id(connection)
-            self._totals.update(changed)
-            self._applied_ids.update(ids)
-            self._seen_group = last_group
-            self._seen_id = last_id
-        # Otherwise another connection committed without a new group (a
-        # prune): nothing to load.
-        self._seen_version = version
+        if version != self._seen_version:  # another connection committed
+            (last_group,) = connection.execute(_LAST_GROUP).fetchone()
+            # The same group number: what was committed was not a group (a
+            # prune, say), and there is nothing to load.
+            if last_group != self._seen_group:
+                totals = connection.execute(_TOTALS_SINCE, (self._seen_group,))
+                changed = {name: (steps, ts) for name, steps, ts in totals}
+                ids = connection.execute(_IDS_SINCE, (self._seen_id,)).fetchall()
+                last_id = _last_id(connection)
+                self._totals.update(changed)
+                self._applied_ids.update(ids)
+                self._seen_group = last_group
+                self._seen_id = last_id
+            self._seen_version = version
+        self._caught_up()
+
+    def _caught_up(self) -> None:
+        """This store has read everything committed so far."""
+        if self._looks_fail:
+            self._looks_fail = False
+            self._reactor.callFromThread(
+                _log.info,
+                "Reading what other processes committed to {path} works again",
+                path=self.path,
+            )
         if self.shared:
             self._next_look = time.monotonic() + self.share_interval
 
