@@ -654,7 +654,10 @@ class SQLiteStore(Service):
             with self._writing(connection):
                 # Under the write lock nobody else can commit: the outcomes
                 # are decided on the latest committed state of every process.
-                self._catch_up(connection)
+                # (A store that is not shared is the only writer: it skips
+                # this, and the statement it costs.)
+                if self.shared:
+                    self._catch_up(connection)
                 written = self._write(connection, group)
         except Exception as e:
             if not isinstance(e, sqlite3.Error):
