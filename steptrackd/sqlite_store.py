@@ -124,7 +124,11 @@ MIGRATIONS: Final[list[list[str]]] = [
         "CREATE TABLE commit_counter (seq INTEGER NOT NULL)",
         "INSERT INTO commit_counter VALUES (0)",
         # The group that last changed each total: "totals changed since
-        # group N" is a range of this index.
+        # group N" is a range of this index. Keeping it up to date is most
+        # of what sharing costs a write (an index update per changed
+        # total). A log of each group's changed totals, one row per group,
+        # would cost less to write, but needs pruning of its own and a full
+        # reload for a store that falls behind what is left of it.
         "ALTER TABLE totals ADD COLUMN seq INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX totals_by_seq ON totals (seq)",
         # Applied ids get a key that grows with every insert and is never
