@@ -7,12 +7,14 @@ committing goes into the next one, up to a bounded size. Totals, ts and the
 ids of applied updates change in the same transaction, so a crash can never
 count an update without remembering its id, or the reverse.
 
-Nothing is read from disk after start. The committed totals and the ids
-applied within the retention period are loaded into memory when the store
-starts and updated by the writer only after each commit: readers see
-committed state and nothing else, and telling a resend from a new update
-costs a dictionary lookup, not a B-tree search on disk. On disk, applied ids
-are an append-only log (cheap to write in order), pruned from its old end.
+Reads never touch the disk. The committed totals and the ids applied
+within the retention period are loaded into memory when the store starts,
+and the writer thread updates them only with committed state: its own
+groups once committed, and (when shared) what other processes committed.
+Readers see committed state and nothing else, and telling a resend from a
+new update costs a dictionary lookup, not a B-tree search on disk. On disk,
+applied ids are an append-only log (cheap to write in order), pruned from
+its old end.
 
 Several processes can share one database (``shared=True``): each worker
 process of one daemon runs its own store on the same file. Writers take
@@ -24,10 +26,10 @@ since it last looked, so exactly-once and "ts is the greatest" hold across
 all of them. Between groups it looks at least every ``share_interval``
 seconds (``PRAGMA data_version`` says, without reading a table, whether
 another connection committed), so that its readers see the others' totals
-soon after they commit. A table, ``commit_counter``, numbers the groups;
-each total carries the number of the group that last changed it, and each
-applied id a key that is never reused: "what changed since N" is an index
-range, not a scan.
+soon after they commit. A table, ``commit_counter``, numbers the groups
+of shared stores; each total carries the number of the group that last
+changed it, and each applied id a key that is never reused: "what changed
+since N" is an index range, not a scan.
 
 Outside shared mode one process owns the database, enforced by a lock file
 (``PATH.lock``, see :func:`lock_database`); in shared mode the supervising
@@ -122,7 +124,11 @@ MIGRATIONS: Final[list[list[str]]] = [
         "CREATE TABLE commit_counter (seq INTEGER NOT NULL)",
         "INSERT INTO commit_counter VALUES (0)",
         # The group that last changed each total: "totals changed since
-        # group N" is a range of this index.
+        # group N" is a range of this index. Keeping it up to date is most
+        # of what sharing costs a write (an index update per changed
+        # total). A log of each group's changed totals, one row per group,
+        # would cost less to write, but needs pruning of its own and a full
+        # reload for a store that falls behind what is left of it.
         "ALTER TABLE totals ADD COLUMN seq INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX totals_by_seq ON totals (seq)",
         # Applied ids get a key that grows with every insert and is never
@@ -160,6 +166,17 @@ _INSERT_ID = (
     "INSERT INTO applied_ids (username, update_id, applied_at) VALUES (?, ?, ?)"
 )
 _UPSERT_TOTALS = (
+    "INSERT INTO totals (username, steps, ts) SELECT json_extract(value, '$[0]'),"
+    " json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)"
+    " WHERE true ON CONFLICT (username)"
+    " DO UPDATE SET steps = excluded.steps, ts = excluded.ts"
+)
+# A shared store also numbers its group and marks the totals it changed
+# with that number. A store that is not shared leaves both alone, which
+# spares an index update per changed total (about a third of the cost of
+# writing a group): it is the only writer while it runs (the daemon lock
+# says so), and a store opened after it reads every total at start.
+_UPSERT_SHARED_TOTALS = (
     "INSERT INTO totals SELECT json_extract(value, '$[0]'),"
     " json_extract(value, '$[1]'), json_extract(value, '$[2]'), ?2"
     " FROM json_each(?1) WHERE true ON CONFLICT (username)"
@@ -550,7 +567,9 @@ class SQLiteStore(Service):
         """Between groups: load what other processes committed, if anything."""
         try:
             (version,) = connection.execute("PRAGMA data_version").fetchone()
-            if version != self._seen_version:
+            if version == self._seen_version:
+                self._caught_up()
+            else:
                 with _reading(connection):
                     self._catch_up(connection)
         except Exception as e:
@@ -567,15 +586,8 @@ class SQLiteStore(Service):
                     path=self.path,
                     error=str(e),
                 )
-        else:
-            if self._looks_fail:
-                self._looks_fail = False
-                self._reactor.callFromThread(
-                    _log.info,
-                    "Reading what other processes committed to {path} works again",
-                    path=self.path,
-                )
-        self._next_look = time.monotonic() + self.share_interval
+            # Try again at the next look, not at once.
+            self._next_look = time.monotonic() + self.share_interval
 
     def _catch_up(self, connection: sqlite3.Connection) -> None:
         """
@@ -589,21 +601,31 @@ class SQLiteStore(Service):
         # The first statement of the transaction: the version that
         # describes the state this transaction reads.
         (version,) = connection.execute("PRAGMA data_version").fetchone()
-        if version == self._seen_version:
-            return  # no other connection committed since
-        (last_group,) = connection.execute(_LAST_GROUP).fetchone()
-        if last_group != self._seen_group:
-            totals = connection.execute(_TOTALS_SINCE, (self._seen_group,))
-            changed = {username: (steps, ts) for username, steps, ts in totals}
-            ids = connection.execute(_IDS_SINCE, (self._seen_id,)).fetchall()
-            last_id = _last_id(connection)
-            self._totals.update(changed)
-            self._applied_ids.update(ids)
-            self._seen_group = last_group
-            self._seen_id = last_id
-        # Otherwise another connection committed without a new group (a
-        # prune): nothing to load.
-        self._seen_version = version
+        if version != self._seen_version:  # another connection committed
+            (last_group,) = connection.execute(_LAST_GROUP).fetchone()
+            # The same group number: what was committed was not a group (a
+            # prune, say), and there is nothing to load.
+            if last_group != self._seen_group:
+                totals = connection.execute(_TOTALS_SINCE, (self._seen_group,))
+                changed = {name: (steps, ts) for name, steps, ts in totals}
+                ids = connection.execute(_IDS_SINCE, (self._seen_id,)).fetchall()
+                last_id = _last_id(connection)
+                self._totals.update(changed)
+                self._applied_ids.update(ids)
+                self._seen_group = last_group
+                self._seen_id = last_id
+            self._seen_version = version
+        self._caught_up()
+
+    def _caught_up(self) -> None:
+        """This store has read everything committed so far."""
+        if self._looks_fail:
+            self._looks_fail = False
+            self._reactor.callFromThread(
+                _log.info,
+                "Reading what other processes committed to {path} works again",
+                path=self.path,
+            )
         if self.shared:
             self._next_look = time.monotonic() + self.share_interval
 
@@ -636,7 +658,10 @@ class SQLiteStore(Service):
             with self._writing(connection):
                 # Under the write lock nobody else can commit: the outcomes
                 # are decided on the latest committed state of every process.
-                self._catch_up(connection)
+                # (A store that is not shared is the only writer: it skips
+                # this, and the statement it costs.)
+                if self.shared:
+                    self._catch_up(connection)
                 written = self._write(connection, group)
         except Exception as e:
             if not isinstance(e, sqlite3.Error):
@@ -705,7 +730,7 @@ class SQLiteStore(Service):
         number = last_id = None
         # A group that changed nothing (all duplicates, say) writes nothing,
         # and its commit costs no sync.
-        if changed:
+        if changed and self.shared:
             (number,) = connection.execute(_NEXT_GROUP).fetchone()
         if rows:
             encoded_rows = _encode(rows)
@@ -717,10 +742,11 @@ class SQLiteStore(Service):
             else:
                 last_id = connection.execute(_INSERT_IDS, (encoded_rows,)).lastrowid
         if changed:
-            connection.execute(
-                _UPSERT_TOTALS,
-                (_encode([(name, *total) for name, total in changed.items()]), number),
-            )
+            totals = _encode([(name, *total) for name, total in changed.items()])
+            if number is None:
+                connection.execute(_UPSERT_TOTALS, (totals,))
+            else:
+                connection.execute(_UPSERT_SHARED_TOTALS, (totals, number))
         if self.before_commit is not None:
             self.before_commit(connection)
         return changed, applied, number, last_id

@@ -144,10 +144,24 @@ def test_older_database_is_migrated(path: Path, version: int) -> None:
         (len(old) + 1, "old", "z", 0.0)
     ]
     steps = 43 if version > 0 else 1
+    # Only shared stores number their groups (a store alone need not).
     assert connection.execute("SELECT steps, ts, seq FROM totals").fetchall() == [
-        (steps, 9, 1)
+        (steps, 9, 0)
+    ]
+    connection.close()
+    shared = SQLiteStore(str(path), THREAD_CALLS, Clock(), shared=True)
+    shared.startService()
+    assert result_of(shared.total("old")) == Total(steps, 9)
+    assert result_of(shared.apply([Update("old", 10, 1, "w")])) == [Outcome.APPLIED]
+    result_of(shared.close())
+    connection = sqlite3.connect(path)
+    assert connection.execute("SELECT steps, ts, seq FROM totals").fetchall() == [
+        (steps + 1, 10, 1)
     ]
     assert connection.execute("SELECT seq FROM commit_counter").fetchall() == [(1,)]
+    assert connection.execute("SELECT max(id) FROM applied_ids").fetchone() == (
+        len(old) + 2,
+    )
     connection.close()
 
 
@@ -445,6 +459,42 @@ async def test_shared_stores_keep_catching_up_after_pruning(path: Path) -> None:
     finally:
         await first.close()
         await second.close()
+
+
+def test_a_failed_look_at_the_others_is_logged_once_and_tried_again(
+    path: Path,
+) -> None:
+    """Reading what others committed fails: logged once; the next look loads it."""
+    # A writer that never looks on its own, so that it logs nothing here.
+    writer = SQLiteStore(
+        str(path), THREAD_CALLS, Clock(), shared=True, share_interval=3600
+    )
+    writer.startService()
+    # A reader whose looks the test makes itself, with no writer thread.
+    reader = SQLiteStore(str(path), THREAD_CALLS, Clock(), shared=True)
+    connection = open_database(str(path))
+    reader._load(connection)
+    result_of(writer.apply([Update("a", 1, 5, "x")]))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("ALTER TABLE commit_counter RENAME TO elsewhere")
+    with capturedLogs() as events:
+        for _ in range(3):
+            reader._look(connection)
+        THREAD_CALLS.run_pending()
+    errors = [e for e in events if e.get("log_level") == LogLevel.error]
+    assert len(errors) == 1
+    assert "no such table" in errors[0]["error"]
+    assert result_of(reader.total("a")) is None
+    other.execute("ALTER TABLE elsewhere RENAME TO commit_counter")
+    other.close()
+    with capturedLogs() as events:
+        reader._look(connection)
+        THREAD_CALLS.run_pending()
+    assert any("works again" in str(e.get("log_format")) for e in events)
+    assert result_of(reader.total("a")) == Total(5, 1)
+    assert reader.remembered_ids == 1
+    connection.close()
+    result_of(writer.close())
 
 
 def test_shared_stores_leave_the_daemon_lock_to_their_parent(path: Path) -> None:

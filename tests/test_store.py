@@ -63,6 +63,12 @@ class ThreadCalls:
             f, args, kwargs = self._calls.get(timeout=timeout)
             f(*args, **kwargs)
 
+    def run_pending(self) -> None:
+        """Run the calls already made, and no more."""
+        while not self._calls.empty():
+            f, args, kwargs = self._calls.get()
+            f(*args, **kwargs)
+
 
 THREAD_CALLS = ThreadCalls()
 
