@@ -28,6 +28,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import BadHost, HTTPException, MethodNotAllowed
+from werkzeug.routing import BaseConverter
 
 from .store import IStepStore, Total
 
@@ -94,6 +95,21 @@ def _shown(value: bytes, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class _AnyText(BaseConverter):
+    """
+    Any text of one character or more, slashes and line breaks included.
+
+    werkzeug's own ``path`` converter will not match text that starts with
+    a ``/`` (nor, for some paths, text with a line break), so the usernames
+    ``/`` and ``/a``, sent as ``%2F`` and ``%2Fa``, would be unknown paths.
+    Which user is meant is read from the raw path anyway (see
+    :meth:`TotalsAPI.steps`): the route only needs to match.
+    """
+
+    regex = "(?s:.+?)"
+    part_isolating = False
+
+
 class TotalsAPI:
     """
     ``GET /users/{username}/steps``: a user's total, from ``store``.
@@ -104,13 +120,14 @@ class TotalsAPI:
     # API answers them as the unknown paths they are.
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
+    app.url_map.converters["any_text"] = _AnyText
 
     log = Logger()
 
     def __init__(self, store: IStepStore) -> None:
         self.store = store
 
-    @app.route("/users/<path:_username>/steps", methods=["GET", "HEAD"])
+    @app.route("/users/<any_text:_username>/steps", methods=["GET", "HEAD"])
     def steps(self, request: IRequest, _username: str) -> Deferred[bytes] | bytes:
         # werkzeug upper-cases the method before matching it, but methods
         # are case-sensitive (RFC 9110 section 9.1): "get" is not GET.

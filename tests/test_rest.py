@@ -156,6 +156,10 @@ def test_malformed_percent_encoding(client: Client, path: str) -> None:
     "username",
     [
         "a/b",
+        "/",
+        "/a",
+        "a/",
+        "//x//",
         "with space",
         "é😀",
         "100%",
