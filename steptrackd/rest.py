@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 from klein import Klein
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -448,6 +449,20 @@ class _QuietRequest(Request):
             # The end of a refused body came in the same read as its excess.
             return
         super().requestReceived(command, origin_form(path), version)
+
+    def getRequestHostname(self) -> bytes:
+        """
+        As Twisted's, but a request with no Host header (HTTP/1.0 allows
+        that) on a UNIX socket is taken as sent to ``localhost``: Twisted
+        would fall back on the host of the socket's address, which a UNIX
+        socket does not have, and fail.
+        """
+        if self.getHeader(b"Host") is None and not isinstance(
+            self.getHost(), IPv4Address | IPv6Address
+        ):
+            return b"localhost"
+        hostname: bytes = super().getRequestHostname()
+        return hostname
 
     def process(self) -> None:
         """

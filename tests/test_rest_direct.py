@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from klein.resource import KleinResource
 from twisted.internet import reactor as global_reactor
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
@@ -445,3 +446,18 @@ async def test_over_sockets_reads_skip_klein(
     klein = await send_and_read(klein_port, batch, 1 << 20)
     assert klein_renders.count == len(READS) + 1
     assert direct == klein
+
+
+@pytest.mark.parametrize("direct_reads", [True, False])
+def test_no_host_on_a_unix_socket(store: MemoryStore, direct_reads: bool) -> None:
+    """On a UNIX socket, an HTTP/1.0 request with no Host is answered, not a 500."""
+    address = UNIXAddress(b"/run/steptrack/rest.sock")
+    channel = memory_site(store, direct_reads).buildProtocol(address)
+    assert channel is not None
+    transport = StringTransport(hostAddress=address, peerAddress=UNIXAddress(None))
+    channel.makeConnection(transport)
+    with capturedLogs() as events:
+        channel.dataReceived(b"GET /users/luisa/steps HTTP/1.0\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.0 200 OK\r\n")
+    assert transport.value().endswith(b'{"cumulativeSteps":10,"ts":1666960429981}')
+    assert not [e for e in events if e["log_level"] > LogLevel.info]
