@@ -76,6 +76,7 @@ class KleinRenders:
 
 @pytest.fixture
 def klein_renders(monkeypatch: pytest.MonkeyPatch) -> KleinRenders:
+    """Counts every request Klein's resource renders during the test."""
     renders = KleinRenders()
     render = KleinResource.render
 
