@@ -17,6 +17,35 @@ Two versions of the protocol share one connection class:
 
 The version 1 path is kept short on purpose: one decode, one append; the
 updates decoded from one network read reach the store in a single call.
+
+How a message is made cheap, without framing anything beside Autobahn (every
+frame, whatever it is, is parsed and checked by Autobahn's own code):
+
+- Unmasking: Autobahn's default unmasker (its native "NVX" one) allocates
+  several objects per frame, which costs more than everything else a small
+  frame needs. Autobahn is told not to unmask (its ``applyMask`` option) and
+  each frame is given wsaccel's unmasker instead, in ``onFrameBegin``, before
+  Autobahn reads a byte of its payload. Control frames are unmasked the same
+  way.
+- Reads in slices: after each frame Autobahn copies what is left of its
+  receive buffer, so a frame costs in proportion to the bytes that follow it.
+  Each network read is handed to Autobahn ``READ_SLICE`` bytes at a time.
+- Bounded work per turn: one read holds up to 64 KiB, about 500 updates, and
+  REST requests in the same reactor wait while it is processed. At most
+  ``MAX_BYTES_PER_TURN`` of a read are processed at once; the rest waits for
+  the next turn of the reactor, with reading from that client paused.
+- UTF-8: a text message that arrives whole, in one frame whose payload is
+  already buffered, is checked once it is complete instead of by Autobahn's
+  incremental validator; an ASCII payload, the usual case, needs no more
+  than ``bytes.isascii()``. It is closed with 1007 when invalid exactly as
+  Autobahn would close it, and no later. Fragmented text messages, and
+  frames that arrive in pieces, keep Autobahn's incremental validator, which
+  fails them as soon as the invalid byte arrives.
+- Autobahn's per-message "message" event (a future nobody here listens to)
+  is never fired: ``onMessageEnd`` is replaced.
+
+Not covered: permessage-deflate (never negotiated), and the opening
+handshake, which is Autobahn's own code throughout.
 """
 
 from __future__ import annotations
@@ -42,12 +71,13 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from wsaccel.xormask import XorMaskerSimple
 from zope.interface import implementer
 
 from . import __version__
 from .rejections import RejectionCounter
 from .store import IStepStore, Outcome, StoreWriteFailed
-from .update import InvalidUpdate, Reason, Update, UpdateDecoder
+from .update import InvalidUpdate, Reason, Update, UpdateDecoder, is_utf8
 
 CLOSE_GOING_AWAY = 1001
 SUBPROTOCOL_V2: Final = "steptrack.v2"
@@ -58,6 +88,10 @@ MAX_FRAMES_PER_MESSAGE: Final = 1024
 """Fragments one message may have: each costs memory even when empty."""
 MAX_HANDSHAKE_SIZE: Final = 16 * 1024
 """Bytes of the HTTP opening handshake, headers included."""
+READ_SLICE: Final = 4096
+"""Bytes of a network read handed to Autobahn at a time."""
+MAX_BYTES_PER_TURN: Final = 16 * 1024
+"""Bytes of one client's data processed in one turn of the reactor."""
 
 _log = Logger()
 
@@ -115,7 +149,14 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         # "replies" (the client does not read what we send).
         self._pause_reasons: set[str] = set()
         self._frames_in_message = 0
+        # Whether the text message being received is checked for UTF-8 once
+        # complete, rather than by Autobahn as it arrives.
+        self._utf8_at_end = False
         self._open_when_read_began = False
+        # What was read but is left for later turns of the reactor, and the
+        # call that will take the next turn.
+        self._unread = b""
+        self._next_turn: IDelayedCall | None = None
         self._drop_deadline: IDelayedCall | None = None
         self.closed: Deferred[None] = Deferred()
         """Fires once the TCP connection is gone."""
@@ -143,6 +184,9 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.factory.connections.discard(self)
             if self._drop_deadline is not None and self._drop_deadline.active():
                 self._drop_deadline.cancel()
+            if self._next_turn is not None and self._next_turn.active():
+                self._next_turn.cancel()
+            self._unread = b""
             self.closed.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
@@ -160,16 +204,48 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             ):
                 self.failHandshake("opening handshake too large", 431)
                 return
+        if self._unread:
+            # Read while paused, as a TLS transport may: it comes after
+            # what is waiting.
+            self._unread += data
+        else:
+            self._take_turn(data)
+
+    def _take_turn(self, data: bytes) -> None:
+        """
+        Hand ``data`` to Autobahn: ``MAX_BYTES_PER_TURN`` of it now, and the
+        rest in later turns of the reactor, not reading from the client
+        meanwhile, so that one client's burst does not hold up the others
+        and REST requests.
+        """
+        now, self._unread = data[:MAX_BYTES_PER_TURN], data[MAX_BYTES_PER_TURN:]
         self._open_when_read_began = self.state in (
             self.STATE_CONNECTING,
             self.STATE_OPEN,
         )
         try:
-            self._dataReceived(data)
+            # Autobahn copies the rest of its buffer after every frame: small
+            # slices keep that copy small.
+            for start in range(0, len(now), READ_SLICE):
+                self._dataReceived(now[start : start + READ_SLICE])
+                if self.state == self.STATE_CLOSED:
+                    # Autobahn ignores whatever comes after.
+                    self._unread = b""
+                    return
         finally:
             self._open_when_read_began = False
             if self._pending:
                 self._flush()
+        if self._unread:
+            if self._next_turn is None:
+                self.pause_reading("turn")
+            self._next_turn = self.factory.reactor.callLater(0, self._turn)
+        elif self._next_turn is not None:
+            self._next_turn = None
+            self.resume_reading("turn")
+
+    def _turn(self) -> None:
+        self._take_turn(self._unread)
 
     def dropConnection(self, abort: bool = False) -> None:
         # A close frame that breaks the rules (a reserved code, a reason that
@@ -192,14 +268,33 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.factory.rejections.count_closed(code, reason)
         super()._fail_connection(code, reason)
 
-    def onMessageBegin(self, isBinary: bool) -> None:
-        super().onMessageBegin(isBinary)
-        self._frames_in_message = 0
-
-    def onMessageFrameBegin(self, length: int) -> None:
+    def onFrameBegin(self) -> None:
+        # Autobahn has parsed and checked the frame's header, and reads its
+        # payload through current_frame_masker from now on.
+        frame = self.current_frame
+        if frame.mask is not None and frame.length > 0:
+            # The factory turns Autobahn's own unmasking off (applyMask):
+            # its default unmasker costs more per frame than all the rest.
+            self.current_frame_masker = XorMaskerSimple(frame.mask)
+        if frame.opcode > 7:
+            super().onFrameBegin()
+            return
+        if not self.inside_message:
+            self._frames_in_message = 0
+            # A text message in one frame whose payload is all here is
+            # checked whole at its end, where an ASCII payload costs next to
+            # nothing; Autobahn's validator, read at the start of each
+            # message, would fail it no sooner. Anything else that is text
+            # is validated by Autobahn as it arrives.
+            self._utf8_at_end = (
+                frame.opcode == self.MESSAGE_TYPE_TEXT
+                and frame.fin
+                and len(self.data) >= frame.length
+            )
+            self.utf8validateIncoming = not self._utf8_at_end
+        super().onFrameBegin()
         # Autobahn bounds a message's bytes, not its fragments: a stream of
         # empty continuation frames would grow without end.
-        super().onMessageFrameBegin(length)
         self._frames_in_message += 1
         if self._frames_in_message > MAX_FRAMES_PER_MESSAGE and not self.failedByMe:
             self._fail_connection(
@@ -212,21 +307,28 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         # per-message "message" event that nothing here listens to.
         if not self.failedByMe:
             payload = b"".join(self.message_data)
-            try:
-                if self.version == 1:
-                    self._decode(payload)
-                else:
-                    self._receive_v2(payload)
-            except Exception:
-                # A bug must cost this one message, not the connection.
-                _log.failure(
-                    "Bug while handling a message of {length} bytes",
-                    length=len(payload),
-                )
-                if self._replies and not self._replies[-1].ready:
-                    self._replies[-1].ready = True
-                    self._send_replies()
+            if self._utf8_at_end and not is_utf8(payload):
+                # What Autobahn's own validator would have done: 1007.
+                self._invalid_payload("invalid UTF-8 in a text message")
+            else:
+                self._handle(payload)
         self.message_data = None  # type: ignore[assignment]
+
+    def _handle(self, payload: bytes) -> None:
+        try:
+            if self.version == 1:
+                self._decode(payload)
+            else:
+                self._receive_v2(payload)
+        except Exception:
+            # A bug must cost this one message, not the connection.
+            _log.failure(
+                "Bug while handling a message of {length} bytes",
+                length=len(payload),
+            )
+            if self._replies and not self._replies[-1].ready:
+                self._replies[-1].ready = True
+                self._send_replies()
 
     # -- version 1 --
 
@@ -413,6 +515,8 @@ class StepUpdateFactory(WebSocketServerFactory):
             closeHandshakeTimeout=close_timeout,
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout,
+            # Frames are unmasked with wsaccel instead (see onFrameBegin).
+            applyMask=False,
             # Close with the RFC 6455 status code (1007, 1009, ...) rather
             # than dropping TCP, so clients learn what they did wrong.
             failByDrop=False,
