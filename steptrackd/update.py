@@ -197,10 +197,13 @@ class UpdateDecoder:
 
     def decode(self, payload: bytes) -> Update:
         _check_utf8(payload)
-        return self._decode_utf8(payload)
+        return self.decode_utf8(payload)
 
-    def _decode_utf8(self, payload: bytes | msgspec.Raw) -> Update:
-        """:meth:`decode`, for a payload known to be UTF-8."""
+    def decode_utf8(self, payload: bytes | msgspec.Raw) -> Update:
+        """
+        :meth:`decode`, for a payload known to be valid UTF-8 (a WebSocket
+        text message, which RFC 6455 has the server check).
+        """
         try:
             wire = self._decode(payload)
         except msgspec.ValidationError as e:
@@ -280,7 +283,7 @@ class UpdateDecoder:
 
     def _decode_one(self, payload: bytes | msgspec.Raw) -> Update:
         try:
-            return self._decode_utf8(payload)
+            return self.decode_utf8(payload)
         except InvalidUpdate as invalid:
             invalid.update_id = update_id_of(payload)
             raise

@@ -311,32 +311,37 @@ class StepUpdateProtocol(WebSocketServerProtocol):
                 # What Autobahn's own validator would have done: 1007.
                 self._invalid_payload("invalid UTF-8 in a text message")
             else:
-                self._handle(payload)
+                try:
+                    if self.version == 1:
+                        self._receive_v1(payload)
+                    else:
+                        self._receive_v2(payload)
+                except Exception:
+                    # A bug must cost this one message, not the connection.
+                    _log.failure(
+                        "Bug while handling a message of {length} bytes",
+                        length=len(payload),
+                    )
+                    if self._replies and not self._replies[-1].ready:
+                        self._replies[-1].ready = True
+                        self._send_replies()
         self.message_data = None  # type: ignore[assignment]
-
-    def _handle(self, payload: bytes) -> None:
-        try:
-            if self.version == 1:
-                self._decode(payload)
-            else:
-                self._receive_v2(payload)
-        except Exception:
-            # A bug must cost this one message, not the connection.
-            _log.failure(
-                "Bug while handling a message of {length} bytes",
-                length=len(payload),
-            )
-            if self._replies and not self._replies[-1].ready:
-                self._replies[-1].ready = True
-                self._send_replies()
 
     # -- version 1 --
 
-    def _decode(self, payload: bytes) -> None:
+    def _receive_v1(self, payload: bytes) -> None:
+        decoder = self.factory.decoder
         try:
-            self._pending.append(self.factory.decoder.decode(payload))
+            if self.message_is_binary:
+                update = decoder.decode(payload)
+            else:
+                # A text message has been checked for UTF-8 by now, by
+                # Autobahn or by onMessageEnd.
+                update = decoder.decode_utf8(payload)
         except InvalidUpdate as invalid:
             self._count(invalid)
+        else:
+            self._pending.append(update)
 
     def _flush(self) -> None:
         updates, self._pending = self._pending, []
@@ -537,11 +542,12 @@ class StepUpdateFactory(WebSocketServerFactory):
         return applying.addCallback(self._count_refused)
 
     def _count_refused(self, outcomes: list[Outcome]) -> list[Outcome]:
-        for outcome in outcomes:
-            if outcome is Outcome.TOTAL_OVERFLOW:
-                self.rejections.count(
-                    Reason.TOTAL_OVERFLOW, "the total would pass 2^53 - 1"
-                )
+        if Outcome.TOTAL_OVERFLOW in outcomes:
+            for outcome in outcomes:
+                if outcome is Outcome.TOTAL_OVERFLOW:
+                    self.rejections.count(
+                        Reason.TOTAL_OVERFLOW, "the total would pass 2^53 - 1"
+                    )
         return outcomes
 
     @staticmethod
