@@ -90,7 +90,7 @@ MAX_HANDSHAKE_SIZE: Final = 16 * 1024
 """Bytes of the HTTP opening handshake, headers included."""
 READ_SLICE: Final = 4096
 """Bytes of a network read handed to Autobahn at a time."""
-MAX_BYTES_PER_TURN: Final = 16 * 1024
+MAX_BYTES_PER_TURN: Final = 8 * 1024
 """Bytes of one client's data processed in one turn of the reactor."""
 
 _log = Logger()
@@ -186,7 +186,11 @@ class StepUpdateProtocol(WebSocketServerProtocol):
                 self._drop_deadline.cancel()
             if self._next_turn is not None and self._next_turn.active():
                 self._next_turn.cancel()
+            # What had been decoded still counts; what waited for its turn
+            # is dropped, as if it had never been read.
             self._unread = b""
+            if self._pending:
+                self._flush()
             self.closed.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
@@ -231,10 +235,15 @@ class StepUpdateProtocol(WebSocketServerProtocol):
                 if self.state == self.STATE_CLOSED:
                     # Autobahn ignores whatever comes after.
                     self._unread = b""
-                    return
+                    break
+        except BaseException:
+            # The connection is dropped for it: nothing is left for later.
+            self._unread = b""
+            raise
         finally:
             self._open_when_read_began = False
-            if self._pending:
+            # The updates of one read reach the store in one call.
+            if self._pending and not self._unread:
                 self._flush()
         if self._unread:
             if self._next_turn is None:
@@ -245,7 +254,13 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.resume_reading("turn")
 
     def _turn(self) -> None:
-        self._take_turn(self._unread)
+        try:
+            self._take_turn(self._unread)
+        except Exception:
+            # What Twisted does when dataReceived raises.
+            _log.failure("Bug while reading from a client")
+            if self.transport is not None:
+                cast(ITCPTransport, self.transport).abortConnection()
 
     def dropConnection(self, abort: bool = False) -> None:
         # A close frame that breaks the rules (a reserved code, a reason that

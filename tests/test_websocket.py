@@ -23,7 +23,7 @@ from twisted.logger import LogLevel, capturedLogs
 
 from steptrackd.rejections import RejectionCounter
 from steptrackd.store import MemoryStore, Outcome, StoreWriteFailed, Total
-from steptrackd.update import MAX_SAFE_INTEGER, Reason
+from steptrackd.update import MAX_SAFE_INTEGER, Reason, Update
 from steptrackd.websocket import (
     MAX_BYTES_PER_TURN,
     MAX_FRAMES_PER_MESSAGE,
@@ -736,21 +736,30 @@ def _burst(username: str, count: int, new_steps: int = 1, first_ts: int = 0) -> 
     )
 
 
-def test_long_read_is_processed_over_several_turns(adapter: Adapter) -> None:
+def test_long_read_is_processed_over_several_turns(
+    adapter: Adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A read past the per-turn budget is applied over later turns, in order."""
+    calls: list[int] = []
+    apply = adapter.store.apply
+
+    def counted(updates: list[Update]) -> Deferred[list[Outcome]]:
+        calls.append(len(updates))
+        return apply(updates)
+
+    monkeypatch.setattr(adapter.store, "apply", counted)
     device = adapter.device()
     # The same ids again: in order, the first of each counts.
     data = _burst("burst", 500) + _burst("burst", 500, new_steps=7, first_ts=1000)
     assert len(data) > 3 * MAX_BYTES_PER_TURN
     device.protocol.dataReceived(data)
-    first_turn = adapter.total("burst")
-    assert first_turn is not None
-    assert 0 < first_turn.cumulative_steps < 500
     # Not read from until the rest has been processed.
     assert device.transport.producerState == "paused"
     adapter.clock.advance(0)
     assert adapter.total("burst") == Total(500, 499)
     assert device.transport.producerState == "producing"
+    # The updates of one read still reach the store in one call.
+    assert calls == [1000]
 
 
 def test_data_read_during_a_wait_comes_after_what_waits(adapter: Adapter) -> None:
@@ -765,16 +774,42 @@ def test_data_read_during_a_wait_comes_after_what_waits(adapter: Adapter) -> Non
     assert adapter.total("late") == Total(600, 599)
 
 
-def test_data_waiting_for_a_turn_is_dropped_with_the_connection(
-    adapter: Adapter,
-) -> None:
-    """Once the connection is lost, what waited for a turn is not processed."""
+def test_connection_lost_during_a_long_read(adapter: Adapter) -> None:
+    """Lost mid-read: what was decoded is applied; what waited its turn is not."""
     device = adapter.device()
     device.protocol.dataReceived(_burst("gone", 600))
-    partial = adapter.total("gone")
     device.protocol.connectionLost()
     adapter.clock.advance(0)
-    assert adapter.total("gone") == partial
+    total = adapter.total("gone")
+    assert total is not None
+    # A first part of the burst, in order.
+    assert 0 < total.cumulative_steps < 600
+    assert total.ts == total.cumulative_steps - 1
+
+
+def test_fault_in_a_later_turn_drops_only_that_connection(
+    adapter: Adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while processing a later turn is logged and drops the connection."""
+    device = adapter.device()
+    other = adapter.device()
+    device.protocol.dataReceived(_burst("fault", 600))
+
+    def broken(data: bytes) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(device.protocol, "_dataReceived", broken)
+    with capturedLogs() as events:
+        adapter.clock.advance(0)
+    assert [e["log_failure"].value.args for e in events if "log_failure" in e] == [
+        ("bug",)
+    ]
+    assert device.transport.aborted
+    first_turn = adapter.total("fault")
+    assert first_turn is not None
+    assert 0 < first_turn.cumulative_steps < 600
+    assert other.send(frame(update(username="other", ts=1, newSteps=1))) == b""
+    assert adapter.total("other") == Total(1, 1)
 
 
 def test_a_close_ends_the_long_read(adapter: Adapter) -> None:
