@@ -3,10 +3,10 @@ The WebSocket adapter: device connections that stream updates into a store.
 
 This is a thin layer over Autobahn. It decodes each message with
 ``update.UpdateDecoder``, counts the invalid ones, and hands the valid ones
-to the store in arrival order. Framing, UTF-8 checks of text messages, size
-limits, pings and the closing handshake are Autobahn's own code, configured
-with real limits. It does not know how totals are kept (``store``) or read
-(``rest``).
+to the store in arrival order. Framing, size limits, pings and the closing
+handshake are Autobahn's own code, configured with real limits, and so is
+the UTF-8 check of text messages except for the shortcut below. It does not
+know how totals are kept (``store``) or read (``rest``).
 
 Two versions of the protocol share one connection class:
 
@@ -18,34 +18,39 @@ Two versions of the protocol share one connection class:
 The version 1 path is kept short on purpose: one decode, one append; the
 updates decoded from one network read reach the store in a single call.
 
-How a message is made cheap, without framing anything beside Autobahn (every
-frame, whatever it is, is parsed and checked by Autobahn's own code):
+How a message is made cheap without framing anything beside Autobahn: every
+frame, whatever it is, is parsed and checked by Autobahn's own code, and the
+adapter only uses Autobahn's extension points.
 
 - Unmasking: Autobahn's default unmasker (its native "NVX" one) allocates
   several objects per frame, which costs more than everything else a small
-  frame needs. Autobahn is told not to unmask (its ``applyMask`` option) and
-  each frame is given wsaccel's unmasker instead, in ``onFrameBegin``, before
-  Autobahn reads a byte of its payload. Control frames are unmasked the same
-  way.
+  frame needs. Autobahn is told not to unmask (its ``applyMask`` option), and
+  ``onFrameBegin`` gives each masked frame, data or control, wsaccel's
+  unmasker before Autobahn reads a byte of its payload.
 - Reads in slices: after each frame Autobahn copies what is left of its
-  receive buffer, so a frame costs in proportion to the bytes that follow it.
-  Each network read is handed to Autobahn ``READ_SLICE`` bytes at a time.
-- Bounded work per turn: one read holds up to 64 KiB, about 500 updates, and
-  REST requests in the same reactor wait while it is processed. At most
-  ``MAX_BYTES_PER_TURN`` of a read are processed at once; the rest waits for
-  the next turn of the reactor, with reading from that client paused.
-- UTF-8: a text message that arrives whole, in one frame whose payload is
-  already buffered, is checked once it is complete instead of by Autobahn's
-  incremental validator; an ASCII payload, the usual case, needs no more
-  than ``bytes.isascii()``. It is closed with 1007 when invalid exactly as
-  Autobahn would close it, and no later. Fragmented text messages, and
-  frames that arrive in pieces, keep Autobahn's incremental validator, which
-  fails them as soon as the invalid byte arrives.
+  receive buffer, so a frame costs in proportion to the bytes behind it.
+  A network read is handed to Autobahn ``READ_SLICE`` bytes at a time.
+- Bounded work per turn: one read holds up to 64 KiB, about 500 updates,
+  and REST requests in the same reactor would wait while it is processed.
+  At most ``MAX_BYTES_PER_TURN`` of a read is processed at once; the rest
+  waits for the next turn of the reactor, with reading from that client
+  paused. The read's updates still go to the store in one call, once the
+  read is done (or the connection lost).
+- UTF-8: a text message in one frame whose payload has arrived whole is
+  checked once it is complete instead of by Autobahn's incremental
+  validator; an ASCII payload, the usual case, needs no more than
+  ``bytes.isascii()``. Such a message is all in Autobahn's buffer already,
+  so invalid UTF-8 closes it with 1007 at the point where Autobahn would.
 - Autobahn's per-message "message" event (a future nobody here listens to)
-  is never fired: ``onMessageEnd`` is replaced.
+  is never made: ``onMessageEnd`` is replaced.
 
-Not covered: permessage-deflate (never negotiated), and the opening
-handshake, which is Autobahn's own code throughout.
+What the shortcuts leave to Autobahn, at its own cost: fragmented text
+messages, and text frames cut by the end of a read or of a slice, are
+validated incrementally by Autobahn, so that invalid UTF-8 fails them as
+soon as it arrives; the opening handshake; and every rule about frames
+(reserved bits and opcodes, unmasked or oversized frames, control frames
+and the closing handshake). Binary messages are not UTF-8 text to RFC 6455:
+the decoder checks their UTF-8. permessage-deflate is never negotiated.
 """
 
 from __future__ import annotations

@@ -714,6 +714,15 @@ def test_payloads_of_every_length_encoding_are_unmasked(size: int) -> None:
         assert adapter.rejections.totals == {Reason.NOT_JSON: 1}
 
 
+def test_unmasked_client_frame_closes_with_1002(adapter: Adapter) -> None:
+    """A client frame without a mask is refused by Autobahn, as before."""
+    device = adapter.device()
+    payload = update(username="bare", ts=1, newSteps=1)
+    written = device.send(struct.pack("!BB", 0x80 | TEXT, len(payload)) + payload)
+    assert close_code(written) == 1002
+    assert adapter.total("bare") is None
+
+
 def test_control_frame_payloads_are_unmasked(adapter: Adapter) -> None:
     """A ping of the largest size is answered with exactly its payload."""
     device = adapter.device()
