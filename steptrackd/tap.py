@@ -85,7 +85,9 @@ class Options(usage.Options):
         "Runs steptrack: devices send step updates over WebSocket, apps "
         "read each user's total over REST. Listen options take Twisted "
         "endpoint descriptions (tcp:, tcp6:, ssl:, unix:, systemd:); "
-        "the defaults listen on all IPv4 and IPv6 addresses."
+        "the defaults listen on all IPv4 and IPv6 addresses. With the "
+        "SQLite store it runs one worker process per CPU core (--workers), "
+        "all sharing the ports and the database."
     )
 
     optParameters = [
