@@ -8,7 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Extra arguments for `make run`, e.g. make run ARGS="--store memory:"
 ARGS ?=
-# Extra arguments for `make bench`, e.g. make bench BENCH_ARGS="--runs 5"
+# Extra arguments for `make bench`, e.g. make bench BENCH_ARGS="--runs 5",
+# BENCH_ARGS="--quick" (smoke run), or BENCH_ARGS="--steptrack-args='--workers 1'"
+# (also measure steptrack with extra daemon arguments)
 BENCH_ARGS ?=
 # Python 2.7 for the Autobahn|Testsuite; empty: fuzz/run.sh finds one
 PYTHON2 ?=

@@ -3,31 +3,37 @@
 ``make bench``: steptrack measured side by side with the two reference
 servers, reported as medians and ratios.
 
-One run starts four servers on free ports of 127.0.0.1 (node-ref and
-fastapi-ref from the shared folder, steptrack with the memory store and with
-the default durable SQLite store), then, round after round, runs every load
-against every server it applies to:
+One run starts three servers on free ports of 127.0.0.1: node-ref and
+fastapi-ref from the shared folder, with their dependencies installed as
+their READMEs say, and steptrack with its default settings (only the
+listening addresses are given: its default durable store is created in a
+fresh temporary folder that is its working directory). Extra steptrack
+configurations can be measured beside it (``--steptrack-args``); the
+targets are judged on the default one only. Then, round after round, every
+load runs against every server it applies to:
 
-- ``ingest-c16`` / ``ingest-c1``: the shared ``stepload.py ingest``, one
-  update per frame (protocol version 1), on 16 connections and 1000 users,
-  and on 1 connection and 100 users;
+- ``ingest-c16``: the shared ``stepload.py ingest``, one update per frame
+  (protocol version 1), 16 connections, 1000 users, 1,000,000 updates;
+- ``ingest-c1``: the same on 1 connection and 100 users;
 - ``v2-c16-b100``: ``bench/v2load.py``, protocol version 2 batches of 100
   updates, 16 connections, 1000 users (steptrack only);
 - ``query-c16``: ``stepload.py query``, GETs on 16 keep-alive connections;
-- ``ingest-c1-1m``: ``stepload.py ingest``, 1 connection, 100 users,
-  1,000,000 updates, in the first round only (it is the longest run);
-- ``mixed-c4-q4``: ``stepload.py mixed``, an ingest on 4 connections while
-  GETs run on 4 more: GET latency under write load.
+- ``mixed-c4-q4``: ``stepload.py mixed``, an ingest of 1,000,000 updates on
+  4 connections while GETs run on 4 more: GET latency under write load;
+- ``idle``: ``stepload.py idle``, 10,000 WebSocket connections held, on a
+  server started for it alone (its RSS before is the baseline) and stopped
+  right after, once per server per round.
 
-After the last round the servers are stopped, and each is started afresh,
-alone, for ``idle``: ``stepload.py idle`` holds 10,000 WebSocket connections
-and reads the server's RSS, whose "before" figure is only a baseline on a
-process that has done nothing yet.
+A server may be several processes (steptrack's parent runs one worker per
+core). Its CPU and RSS are taken over its whole process tree: the loads run
+``stepload.py`` through ``stepload_tree.py``, which sums both over the
+started PID and its descendants (``proctree.py``) at the moments stepload
+reads them, and ``v2load.py`` does the same. Processes of a server that end
+during a load, or that outlive their server's stop, are reported.
 
-Every run's JSON goes to ``bench/results/DATE/raw.jsonl`` as it finishes;
-the tables go to ``bench/results/DATE/report.md`` and stdout. Older dated
-folders in ``bench/results/`` are removed once the new report is written, so
-only the latest run is there to commit.
+Every run's JSON goes to ``raw.jsonl`` in a new dated folder of
+``bench/results/`` as it finishes; the tables go to ``report.md`` there and
+to stdout. Earlier folders are left as they are.
 
 This script only measures: it never changes the servers it starts, and a
 failed check is reported, not retried. The reference servers' dependencies
@@ -52,6 +58,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -67,12 +74,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+import proctree
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 BENCH = REPOSITORY / "bench"
 CACHE = BENCH / ".cache"
-CLIENT_TIMEOUT_S = 120
+CLIENT_TIMEOUT_S = 300
 """--timeout given to the load clients: the bound on one timed phase."""
-CLIENT_WALL_LIMIT_S = 300
+CLIENT_WALL_LIMIT_S = 600
 """A client process still running after this long is killed."""
 START_LIMIT_S = 30.0
 STOP_LIMIT_S = 10.0
@@ -181,37 +190,71 @@ def accepts(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+SETTLE_S = 1.0
+"""A started server counts as settled once its processes and RSS have held
+still this long."""
+SETTLE_LIMIT_S = 15.0
+
+
 @dataclass
 class Server:
     """One server under test: how to start it, and the process once started."""
 
     name: str
     cwd: Path
-    command: Callable[[int, int], list[str]]
+    command: Callable[[str, str], list[str]]
     """The command line, given the WebSocket port and the REST port."""
     logs: Path
+    scratch: Path | None = None
+    """When set, each start runs in a new empty folder under it: steptrack's
+    default store is a file in its working directory."""
     process: subprocess.Popen[bytes] | None = None
     ws_port: int = 0
     http_port: int = 0
     starts: int = 0
     exit_codes: list[int | None] = field(default_factory=list)
+    left_behind: list[str] = field(default_factory=list)
+    """Processes of its tree still running after the server had stopped."""
+    most_processes: int = 0
+    seen: set[proctree.Process] = field(default_factory=set)
+    """Every process of its tree seen since the last start: a descendant
+    whose parent died is no longer in the tree, but must still be stopped."""
 
     @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
 
+    @property
+    def is_steptrack(self) -> bool:
+        return self.name.startswith("steptrack")
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def processes(self) -> list[proctree.Process]:
+        """This server's process tree now; empty when it is not running."""
+        if not self.alive():
+            return []
+        members = proctree.tree(self.pid)
+        self.most_processes = max(self.most_processes, len(members))
+        self.seen.update(members)
+        return members
+
     def start(self) -> None:
         self.starts += 1
+        self.seen.clear()
         self.ws_port, self.http_port = free_port(), free_port()
-        log_path = self.logs / f"{self.name.replace(' ', '-')}-{self.starts}.log"
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.name).strip("-")
+        log_path = self.logs / f"{slug}-{self.starts}.log"
+        cwd = self.cwd
+        if self.scratch is not None:
+            cwd = self.scratch / str(self.starts)
+            cwd.mkdir(parents=True)
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                self.command(self.ws_port, self.http_port),
-                cwd=self.cwd,
+                self.command(str(self.ws_port), str(self.http_port)),
+                cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -224,19 +267,40 @@ class Server:
                     f"see {log_path}"
                 )
             if accepts(self.ws_port) and accepts(self.http_port):
+                self.settle()
                 say(
-                    f"{self.name}: pid {self.pid}, ws {self.ws_port}, "
-                    f"http {self.http_port}"
+                    f"{self.name}: pid {self.pid}, {len(self.processes())} "
+                    f"process(es), ws {self.ws_port}, http {self.http_port}"
                 )
                 return
             time.sleep(0.1)
         self.stop()
         raise Unavailable(f"{self.name} did not listen within {START_LIMIT_S}s")
 
+    def settle(self) -> None:
+        """
+        Waits until the server's processes and their RSS hold still: a
+        parent may listen before its workers have started, and a baseline
+        RSS taken then would charge their start-up to the first load.
+        """
+        deadline = time.monotonic() + SETTLE_LIMIT_S
+        before = (self.processes(), proctree.rss_kb(self.pid) or 0)
+        while time.monotonic() < deadline:
+            time.sleep(SETTLE_S)
+            now = (self.processes(), proctree.rss_kb(self.pid) or 0)
+            if now[0] == before[0] and abs(now[1] - before[1]) <= before[1] / 50:
+                return
+            before = now
+        say(f"{self.name}: its processes or RSS still changed after {SETTLE_LIMIT_S}s")
+
     def stop(self) -> None:
-        """SIGTERM to this server's PID; SIGKILL if it is still there later."""
+        """
+        SIGTERM to this server's PID, SIGKILL if it is still there later;
+        then the same, by PID, for any process of its tree that outlived it.
+        """
         if self.process is None:
             return
+        self.processes()
         process, self.process = self.process, None
         if process.poll() is None:
             process.terminate()
@@ -246,6 +310,20 @@ class Server:
                 process.kill()
                 process.wait(STOP_LIMIT_S)
         self.exit_codes.append(process.returncode)
+        descendants = sorted(
+            (p for p in self.seen if p.pid != process.pid), key=lambda p: p.pid
+        )
+        deadline = time.monotonic() + STOP_LIMIT_S
+        while time.monotonic() < deadline and any(
+            map(proctree.is_running, descendants)
+        ):
+            time.sleep(0.1)
+        for member in descendants:
+            if proctree.is_running(member):
+                self.left_behind.append(f"pid {member.pid}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member.pid, signal.SIGKILL)
+        self.seen.clear()
 
 
 # -- loads -----------------------------------------------------------------
@@ -274,10 +352,9 @@ class Load:
     """The client's command line up to its options."""
     options: list[str]
     steptrack_only: bool = False
-    rounds: int | None = None
-    """Run in the first ``rounds`` rounds only; None: in every round."""
     fresh_server: bool = False
-    """Run once per server, after the rounds, on a process started for it."""
+    """Run after the rounds, as many times per server as there are rounds,
+    each time on a process started for it alone and stopped right after."""
     rest: bool = True
     """The client also reads over REST and takes ``--http`` and ``--timeout``
     (``stepload.py idle`` takes neither: its phases have their own bounds)."""
@@ -321,13 +398,19 @@ IDLE = "idle"
 
 
 def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
-    stepload = [sys.executable, str(shared_bench / "stepload.py")]
+    # stepload.py through the wrapper that sums the server's figures over
+    # its process tree; v2load.py does that itself.
+    stepload = [
+        sys.executable,
+        str(BENCH / "stepload_tree.py"),
+        str(shared_bench / "stepload.py"),
+    ]
     v2load = [sys.executable, str(BENCH / "v2load.py")]
     updates = settings.updates
     return [
         Load(
             "ingest-c16",
-            "ingest v1, C=16, U=1000",
+            f"ingest v1, C=16, U=1000, {updates:,} updates",
             "updates_per_s",
             "updates/s",
             [*stepload, "ingest"],
@@ -335,7 +418,7 @@ def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
         ),
         Load(
             "ingest-c1",
-            "ingest v1, C=1, U=100",
+            f"ingest v1, C=1, U=100, {updates:,} updates",
             "updates_per_s",
             "updates/s",
             [*stepload, "ingest"],
@@ -343,7 +426,7 @@ def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
         ),
         Load(
             "v2-c16-b100",
-            "ingest v2 batches of 100, C=16, U=1000",
+            f"ingest v2 batches of 100, C=16, U=1000, {updates:,} updates",
             "updates_per_s",
             "updates/s",
             v2load,
@@ -352,21 +435,11 @@ def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
         ),
         Load(
             "query-c16",
-            "query, C=16, 100 users",
+            f"query, C=16, 100 users, {settings.requests:,} GETs",
             "requests_per_s",
             "requests/s",
             [*stepload, "query"],
             flags(connections=16, users=100, prefix="q", requests=settings.requests),
-        ),
-        Load(
-            "ingest-c1-1m",
-            f"ingest v1, C=1, U=100, {settings.long_updates:,} updates"
-            + rounds_note(settings.long_runs, settings.runs),
-            "updates_per_s",
-            "updates/s",
-            [*stepload, "ingest"],
-            flags(connections=1, users=100, updates=settings.long_updates),
-            rounds=settings.long_runs,
         ),
         Load(
             MIXED,
@@ -397,12 +470,12 @@ def loads(shared_bench: Path, settings: argparse.Namespace) -> list[Load]:
     ]
 
 
-def rounds_note(rounds: int, runs: int) -> str:
-    return "" if rounds >= runs else f" ({rounds_text(rounds)})"
-
-
 def rounds_text(rounds: int) -> str:
     return "1 round" if rounds == 1 else f"{rounds} rounds"
+
+
+def runs_text(runs: int) -> str:
+    return "1 run" if runs == 1 else f"{runs} runs"
 
 
 def run_client(command: list[str]) -> tuple[int | None, dict[str, Any], float]:
@@ -509,6 +582,8 @@ class Record:
     exit_code: int | None
     wall_s: float
     result: dict[str, Any]
+    server_processes: int = 0
+    """Processes in the server's tree when the load started."""
 
 
 def number_at(result: dict[str, Any], path: str) -> float | None:
@@ -558,9 +633,13 @@ def verdict(value: float | None, goal: float, at_most: bool) -> str:
     return text + (" (close)" if abs(value / goal - 1) < CLOSE else "")
 
 
+DEFAULT = "steptrack"
+"""The name of steptrack with its default settings: the one judged."""
+
+
 @dataclass(frozen=True)
 class Target:
-    """One goal set against the reference servers measured in the same run."""
+    """One goal, most of them set against a reference server of the same run."""
 
     title: str
     load: str
@@ -588,43 +667,46 @@ class Target:
 
 TARGETS = [
     Target(
-        "v1 ingest, 16 connections (`ingest-c16`)", "ingest-c16", "updates_per_s", 0.5
+        "ingest v1, single-update frames, 16 connections, 1000 users (`ingest-c16`)",
+        "ingest-c16",
+        "updates_per_s",
+        0.5,
     ),
     Target(
-        "v1 ingest, 16 connections (`ingest-c16`)",
+        "ingest v1, single-update frames, 16 connections, 1000 users (`ingest-c16`)",
         "ingest-c16",
         "updates_per_s",
         2.0,
         reference="fastapi-ref",
     ),
     Target(
-        "v1 ingest, 1 connection, long run (`ingest-c1-1m`)",
-        "ingest-c1-1m",
+        "ingest v1, 1 connection, 100 users (`ingest-c1`)",
+        "ingest-c1",
         "updates_per_s",
         0.3,
     ),
     Target(
-        "v2 batches of 100 (`v2-c16-b100`) vs node-ref's `ingest-c16`",
+        "ingest v2, batches of 100 (`v2-c16-b100`) vs node-ref's `ingest-c16`",
         "v2-c16-b100",
         "updates_per_s",
         1.0,
         reference_load="ingest-c16",
     ),
     Target(
-        "GET, 16 connections (`query-c16`): requests/s",
+        "GET, 16 keep-alive connections (`query-c16`): requests/s",
         "query-c16",
         "requests_per_s",
         1.0,
     ),
     Target(
-        "GET, 16 connections (`query-c16`): p99",
+        "GET, 16 keep-alive connections (`query-c16`): p99",
         "query-c16",
         "p99_ms",
         1.0,
         at_most=True,
     ),
     Target(
-        "GET p99 during ingest (`mixed-c4-q4`)",
+        f"GET p99 while an ingest runs (`{MIXED}`)",
         MIXED,
         "query_during_ingest.p99_ms",
         20.0,
@@ -632,8 +714,25 @@ TARGETS = [
         reference=None,
         unit="ms",
     ),
-    Target("`idle`: RSS per connection", IDLE, "kb_per_connection", 1.0, at_most=True),
+    Target(
+        "idle connections (`idle`): RSS per connection",
+        IDLE,
+        "kb_per_connection",
+        1.0,
+        at_most=True,
+    ),
 ]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A row of the ratio table: one measure of steptrack over a reference's."""
+
+    title: str
+    load: str
+    path: str
+    reference_load: str
+    lower_is_better: bool = False
 
 
 @dataclass
@@ -655,11 +754,16 @@ class Report:
         return median_of(self.of(server, load), metric)
 
     @property
+    def steptracks(self) -> list[str]:
+        """The default configuration first, then the extra ones."""
+        return [s for s in self.servers if s.startswith(DEFAULT)]
+
+    @property
     def rate_loads(self) -> list[Load]:
         return [load for load in self.loads if load.is_rate]
 
     def cell(self, server: str, load: Load) -> str:
-        if load.steptrack_only and not server.startswith("steptrack"):
+        if load.steptrack_only and not server.startswith(DEFAULT):
             return "n/a"
         if server in self.unavailable:
             return "unavailable"
@@ -705,8 +809,8 @@ class Report:
 
     def idle_table(self) -> list[str]:
         """
-        Every idle run, passing or not: how many connections were refused
-        or dropped is the point when one fails.
+        Medians over every idle run, passing or not: how many connections
+        were refused or dropped is the point when one fails.
         """
         rows = [
             ("connections asked for", "requested"),
@@ -714,6 +818,7 @@ class Report:
             ("alive after the hold", "alive_after_hold"),
             ("seconds to open them", "open_s"),
             ("server RSS before, KB", "rss_before_kb"),
+            ("server RSS once connected, KB", "rss_connected_kb"),
             ("server RSS at the end of the hold, KB", "rss_after_kb"),
             ("KB per connection", "kb_per_connection"),
         ]
@@ -727,6 +832,16 @@ class Report:
                 for server in self.servers
             )
             lines.append(f"| {measure} | {cells} |")
+        spans = []
+        for server in self.servers:
+            found = [
+                number_at(r.result, "kb_per_connection") for r in self.of(server, IDLE)
+            ]
+            values = [value for value in found if value is not None]
+            spans.append(
+                f"{figure(min(values))} to {figure(max(values))}" if values else MISSING
+            )
+        lines.append("| KB per connection, min to max | " + " | ".join(spans) + " |")
         passed = []
         for server in self.servers:
             records = self.of(server, IDLE)
@@ -735,108 +850,95 @@ class Report:
         lines.append("| runs that passed | " + " | ".join(passed) + " |")
         return lines
 
-    def ratios_table(self) -> list[str]:
-        steptracks = [s for s in self.servers if s.startswith("steptrack")]
-        header = ["load"]
-        for mine in steptracks:
-            header += [f"{mine} ÷ node-ref", f"{mine} ÷ fastapi-ref"]
-        lines = [
-            "| " + " | ".join(header) + " |",
-            "|---|" + "---:|" * (len(header) - 1),
-        ]
+    def comparisons(self) -> list[Comparison]:
+        rows = []
         for load in self.rate_loads:
             # v2 has no counterpart on the anchors: it is compared with
             # their v1 ingest of the same shape (16 connections, 1000 users).
             theirs = "ingest-c16" if load.steptrack_only else load.key
             title = load.title + (" vs their v1 C=16" if load.steptrack_only else "")
+            rows.append(Comparison(title, load.key, load.metric, theirs))
+        rows += [
+            Comparison("GET p99, query-c16", "query-c16", "p99_ms", "query-c16", True),
+            Comparison(
+                f"GET p99 during the ingest, {MIXED}",
+                MIXED,
+                "query_during_ingest.p99_ms",
+                MIXED,
+                True,
+            ),
+            Comparison(
+                "RSS per idle connection", IDLE, "kb_per_connection", IDLE, True
+            ),
+        ]
+        return rows
+
+    def ratios_table(self) -> list[str]:
+        header = ["load", "better"]
+        for mine in self.steptracks:
+            header += [f"{mine} ÷ node-ref", f"{mine} ÷ fastapi-ref"]
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|---|---|" + "---:|" * (len(header) - 2),
+        ]
+        for row in self.comparisons():
             cells = []
-            for mine in steptracks:
+            for mine in self.steptracks:
                 for anchor in ("node-ref", "fastapi-ref"):
                     cells.append(
                         ratio_text(
-                            self.median(mine, load.key), self.median(anchor, theirs)
+                            self.median(mine, row.load, row.path),
+                            self.median(anchor, row.reference_load, row.path),
                         )
                     )
-            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+            better = "lower" if row.lower_is_better else "higher"
+            lines.append(f"| {row.title} | {better} | " + " | ".join(cells) + " |")
         return lines
 
     def targets_table(self) -> list[str]:
-        memory, durable = "steptrack memory", "steptrack sqlite"
-        rows = [
-            (
-                "sqlite v1 ÷ memory v1, ingest C=16 U=1000",
-                self.median(durable, "ingest-c16"),
-                self.median(memory, "ingest-c16"),
-                0.5,
-            ),
-            (
-                "sqlite v1 ÷ memory v1, ingest C=1 U=100",
-                self.median(durable, "ingest-c1"),
-                self.median(memory, "ingest-c1"),
-                0.5,
-            ),
-            (
-                "sqlite v2(100) ÷ node-ref v1, ingest C=16 U=1000",
-                self.median(durable, "v2-c16-b100"),
-                self.median("node-ref", "ingest-c16"),
-                1.0,
-            ),
-            (
-                "memory v2(100) ÷ node-ref v1, ingest C=16 U=1000",
-                self.median(memory, "v2-c16-b100"),
-                self.median("node-ref", "ingest-c16"),
-                None,
-            ),
-        ]
-        lines = ["| ratio | value | target | met |", "|---|---:|---|---|"]
-        for title, numerator, denominator, goal in rows:
-            value = ratio_text(numerator, denominator)
-            if goal is None:
-                target, met = "(for reference)", ""
-            elif value == MISSING:
-                target, met = f"≥ {goal:g}", "unknown"
-            else:
-                target = f"≥ {goal:g}"
-                met = "yes" if float(value) >= goal else "**no**"
-            lines.append(f"| {title} | {value} | {target} | {met} |")
-        return lines
-
-    def reference_targets_table(self) -> list[str]:
-        mine = ["steptrack sqlite", "steptrack memory"]
-        lines = [
-            "| measure | goal | reference, median | steptrack sqlite | met "
-            "| steptrack memory (for reference) | met |",
-            "|---|---|---:|---:|---|---:|---|",
-        ]
+        """
+        Each goal judged on steptrack's default configuration; any extra
+        configuration is shown beside it for reference, never judged.
+        """
+        extra = self.steptracks[1:]
+        header = "| measure | goal | reference, median | steptrack | met |"
+        rule = "|---|---|---:|---:|---|"
+        for name in extra:
+            header += f" {name} (for reference) |"
+            rule += "---:|"
+        lines = [header, rule]
         for target in TARGETS:
             if target.reference is None:
                 # An absolute goal: node-ref's figure is there for scale.
                 reference = self.median("node-ref", target.load, target.path)
-                row = [f"node-ref: {target.amount(reference)}"]
+                cells = [f"node-ref: {target.amount(reference)}"]
             else:
                 reference_load = target.reference_load or target.load
                 reference = self.median(target.reference, reference_load, target.path)
-                row = [f"{target.reference}: {figure(reference)}"]
-            for server in mine:
+                cells = [f"{target.reference}: {figure(reference)}"]
+            for index, server in enumerate(self.steptracks):
                 measured = self.median(server, target.load, target.path)
+                value: float | None
                 if target.reference is None:
                     value = measured
-                    row.append(target.amount(measured))
+                    cells.append(target.amount(measured))
                 elif measured is not None and reference:
                     value = measured / reference
-                    row.append(f"{value:.2f} ({figure(measured)})")
+                    cells.append(f"{value:.2f} ({figure(measured)})")
                 else:
                     value = None
-                    row.append(MISSING)
-                row.append(verdict(value, target.goal, target.at_most))
+                    cells.append(MISSING)
+                if index == 0:
+                    cells.append(verdict(value, target.goal, target.at_most))
             lines.append(
-                f"| {target.title} | {target.goal_text()} | " + " | ".join(row) + " |"
+                f"| {target.title} | {target.goal_text()} | " + " | ".join(cells) + " |"
             )
-        held = [self.held("node-ref")[0]]
-        for server in mine:
-            held += self.held(server)
+        held = [self.held("node-ref")[0], *self.held(DEFAULT)]
+        held += [self.held(name)[0] for name in extra]
         lines.append(
-            "| `idle`: every connection held | all | " + " | ".join(held) + " |"
+            "| idle connections (`idle`): every connection held, every run | all | "
+            + " | ".join(held)
+            + " |"
         )
         return lines
 
@@ -852,9 +954,9 @@ class Report:
 
     def noise_table(self) -> list[str]:
         lines = [
-            "| load | server | ok | min | max | client CPU share, max "
+            "| load | server | processes | ok | min | max | client CPU share, max "
             "| server CPU share, median | other CPU s, max |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|",
         ]
         for load in self.rate_loads:
             for server in self.servers:
@@ -871,13 +973,15 @@ class Report:
                 server_share = numbers("server_cpu_share")
                 other = numbers("other_cpu_s")
                 passed = len(values)
+                processes = max(r.server_processes for r in records)
                 # The median of an even count is a mean: round it as the
                 # client rounds its shares.
                 server_median = (
                     round(statistics.median(server_share), 3) if server_share else None
                 )
                 lines.append(
-                    f"| {load.key} | {server} | {passed}/{len(records)} "
+                    f"| {load.key} | {server} | {processes} "
+                    f"| {passed}/{len(records)} "
                     f"| {thousands(min(values) if values else None)} "
                     f"| {thousands(max(values) if values else None)} "
                     f"| {max(client) if client else MISSING} "
@@ -975,39 +1079,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runs", type=int, default=3, help="rounds (default 3)")
+
+    def size(name: str, kind: type, text: str) -> None:
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            help=f"{text} (default {STANDARD[name]:,}; --quick: {QUICK[name]:,})",
+        )
+
+    size("runs", int, "rounds; every median is over this many runs")
+    size("updates", int, "updates per ingest-c16, ingest-c1 and v2-c16-b100 run")
+    size("requests", int, "GETs per query-c16 run")
+    size("mixed_updates", int, "updates per mixed-c4-q4 run")
+    size("idle_connections", int, "connections each idle run holds")
+    size("idle_hold", float, "seconds each idle run holds them")
     parser.add_argument(
-        "--updates", type=int, default=200_000, help="updates per ingest run"
+        "--quick",
+        action="store_true",
+        help="a smoke run of every load at small sizes, one round, with its "
+        "report under bench/.cache/quick-results unless --results is given: "
+        "it checks that the benchmark works, it measures nothing",
     )
     parser.add_argument(
-        "--requests", type=int, default=100_000, help="GETs per query run"
-    )
-    parser.add_argument(
-        "--mixed-updates",
-        type=int,
-        default=1_000_000,
-        help="updates per mixed run, on every server (default 1,000,000)",
-    )
-    parser.add_argument(
-        "--long-updates",
-        type=int,
-        default=1_000_000,
-        help="updates per ingest-c1-1m run (default 1,000,000)",
-    )
-    parser.add_argument(
-        "--long-runs",
-        type=int,
-        default=1,
-        help="rounds that run ingest-c1-1m, from the first (default 1)",
-    )
-    parser.add_argument(
-        "--idle-connections",
-        type=int,
-        default=10_000,
-        help="connections the idle run holds (default 10,000)",
-    )
-    parser.add_argument(
-        "--idle-hold", type=float, default=10.0, help="seconds they are held (10)"
+        "--steptrack-args",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="also measure steptrack started with these extra arguments (one "
+        "string, split as a shell would), e.g. --steptrack-args='--workers 1' "
+        "or --steptrack-args='--store memory:'; repeatable. Shown beside the "
+        "default configuration, which alone is judged against the targets",
     )
     parser.add_argument(
         "--shared",
@@ -1015,14 +1116,45 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ.get("STEPTRACK_SHARED", REPOSITORY.parent / "shared")),
         help="the shared folder (default: $STEPTRACK_SHARED, else ../shared)",
     )
-    parser.add_argument("--results", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="where the dated folder goes (default bench/results)",
+    )
     settings = parser.parse_args(argv)
+    sizes = QUICK if settings.quick else STANDARD
+    for name, value in sizes.items():
+        if getattr(settings, name) is None:
+            setattr(settings, name, value)
+    if settings.results is None:
+        settings.results = CACHE / "quick-results" if settings.quick else RESULTS
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         return measure(settings)
     except BenchError as error:
         say(f"cannot run: {error}")
         return 2
+
+
+RESULTS = BENCH / "results"
+STANDARD: dict[str, float] = {
+    "runs": 3,
+    "updates": 1_000_000,
+    "requests": 100_000,
+    "mixed_updates": 1_000_000,
+    "idle_connections": 10_000,
+    "idle_hold": 10.0,
+}
+"""The sizes of a measurement: the loads as the performance goals name them."""
+QUICK: dict[str, float] = {
+    "runs": 1,
+    "updates": 20_000,
+    "requests": 5_000,
+    "mixed_updates": 50_000,
+    "idle_connections": 500,
+    "idle_hold": 1.0,
+}
+"""The sizes of ``--quick``: enough to exercise every path, in about 2 minutes."""
 
 
 def measure(settings: argparse.Namespace) -> int:
@@ -1034,15 +1166,18 @@ def measure(settings: argparse.Namespace) -> int:
         raise BenchError(f"{stepload} not found; set STEPTRACK_SHARED")
     if not twistd.is_file():
         raise BenchError(f"{twistd} not found; run this with the project's .venv")
-    counts = ["runs", "updates", "requests", "mixed_updates", "long_updates"]
-    for name in [*counts, "long_runs", "idle_connections"]:
+    for name in ["runs", "updates", "requests", "mixed_updates", "idle_connections"]:
         if getattr(settings, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
     if settings.idle_hold < 0:
         raise BenchError("--idle-hold must not be negative")
-    today = datetime.date.today().isoformat()
-    out = settings.results / today
-    out.mkdir(parents=True, exist_ok=True)
+    extra: list[list[str]] = []
+    for text in settings.steptrack_args:
+        try:
+            extra.append(shlex.split(text))
+        except ValueError as error:
+            raise BenchError(f"--steptrack-args {text!r}: {error}") from None
+    out = new_results_folder(settings.results)
     CACHE.mkdir(parents=True, exist_ok=True)
     # Keeps the cache out of git, and so out of ruff, even before the
     # repository's .gitignore names it.
@@ -1056,21 +1191,23 @@ def measure(settings: argparse.Namespace) -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="steptrack-bench-"))
     try:
-        servers = servers_to_measure(anchors, twistd, scratch / "bench.sqlite3", logs)
+        servers = servers_to_measure(anchors, twistd, scratch / "rounds", logs, extra)
         # The same servers again, each to be started alone on a process that
-        # has done nothing yet (and for SQLite, on an empty database).
+        # has done nothing yet, steptrack in a new empty folder each time.
         (logs / "fresh").mkdir()
         fresh = servers_to_measure(
-            anchors, twistd, scratch / "fresh.sqlite3", logs / "fresh"
+            anchors, twistd, scratch / "fresh", logs / "fresh", extra
         )
         bench = Rounds(servers, loads(shared / "bench", settings), unavailable)
         with (out / "raw.jsonl").open("w") as raw:
             with running(servers):
                 bench.run(settings.runs, raw)
             with running(fresh):
-                bench.run_on_fresh_servers(fresh, raw)
+                bench.run_on_fresh_servers(fresh, settings.runs, raw)
         database_mb = sum(
-            p.stat().st_size for p in scratch.glob("bench.sqlite3*") if p.is_file()
+            p.stat().st_size
+            for p in (scratch / "rounds" / DEFAULT).rglob("*.sqlite3*")
+            if p.is_file()
         ) / (1024 * 1024)
         fs_type = filesystem_of(scratch)
     finally:
@@ -1080,7 +1217,12 @@ def measure(settings: argparse.Namespace) -> int:
     exits = {
         server.name: server.exit_codes + again.exit_codes
         for server, again in zip(servers, fresh, strict=True)
-        if server.name.startswith("steptrack")
+        if server.is_steptrack
+    }
+    left_behind = {
+        server.name: server.left_behind + again.left_behind
+        for server, again in zip(servers, fresh, strict=True)
+        if server.left_behind or again.left_behind
     }
     report = Report(
         [server.name for server in servers],
@@ -1090,17 +1232,33 @@ def measure(settings: argparse.Namespace) -> int:
         bench.events,
         settings.runs,
     )
-    environment = describe(anchors, settings, nofile, fs_type, database_mb, elapsed)
-    text = render(report, environment, exits)
+    environment = describe(
+        anchors, settings, servers, fresh, nofile, fs_type, database_mb, elapsed
+    )
+    text = render(report, environment, exits, left_behind)
     (out / "report.md").write_text(text)
     print(text, flush=True)
-    for old in settings.results.iterdir():
-        if old.is_dir() and DATED.fullmatch(old.name) and old.name != today:
-            shutil.rmtree(old)
     say(f"wrote {out / 'report.md'} and raw.jsonl in {elapsed:.0f}s")
     all_ok = all(r.ok for r in bench.records)
     clean_exits = all(code == 0 for codes in exits.values() for code in codes)
-    return 0 if all_ok and clean_exits and not unavailable and not bench.events else 1
+    clean = all_ok and clean_exits and not left_behind
+    return 0 if clean and not unavailable and not bench.events else 1
+
+
+def new_results_folder(results: Path) -> Path:
+    """
+    ``results/DATE``, or ``DATE-2``, ``DATE-3``... when that exists: a run
+    never overwrites or removes the raw results of an earlier one.
+    """
+    today = datetime.date.today().isoformat()
+    for number in range(1, 1000):
+        out = results / (today if number == 1 else f"{today}-{number}")
+        try:
+            out.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return out
+    raise BenchError(f"{results} already has 999 folders of {today}")
 
 
 def install_anchors(
@@ -1123,11 +1281,21 @@ def install_anchors(
 
 
 def servers_to_measure(
-    anchors: dict[str, Path], twistd: Path, database: Path, logs: Path
+    anchors: dict[str, Path],
+    twistd: Path,
+    scratch: Path,
+    logs: Path,
+    extra: list[list[str]],
 ) -> list[Server]:
-    """The four servers; steptrack's SQLite store in ``database``."""
+    """
+    node-ref, fastapi-ref, steptrack with its default settings, and
+    steptrack with each list of ``extra`` arguments. Each steptrack runs in
+    new folders under ``scratch``, where its default store is created.
+    """
 
-    def steptrack(store: str) -> Callable[[int, int], list[str]]:
+    def steptrack(arguments: list[str]) -> Callable[[str, str], list[str]]:
+        # Only the listening addresses are given: the default ports may be
+        # taken, and the benchmark stays on the loopback interface.
         return lambda ws, rest: [
             str(twistd),
             "--nodaemon",
@@ -1136,11 +1304,11 @@ def servers_to_measure(
             *flags(
                 ws_listen=f"tcp:{ws}:interface=127.0.0.1",
                 rest_listen=f"tcp:{rest}:interface=127.0.0.1",
-                store=store,
             ),
+            *arguments,
         ]
 
-    def anchor(*program: str) -> Callable[[int, int], list[str]]:
+    def anchor(*program: str) -> Callable[[str, str], list[str]]:
         return lambda ws, rest: [
             *program,
             *flags(ws_port=ws, http_port=rest, host="127.0.0.1"),
@@ -1148,9 +1316,9 @@ def servers_to_measure(
 
     # An anchor that could not be installed is never started; its folder
     # is only a placeholder.
-    node = anchors.get("node-ref", database.parent)
-    fastapi = anchors.get("fastapi-ref", database.parent)
-    return [
+    node = anchors.get("node-ref", scratch)
+    fastapi = anchors.get("fastapi-ref", scratch)
+    servers = [
         Server("node-ref", node, anchor("node", "server.js"), logs),
         Server(
             "fastapi-ref",
@@ -1158,9 +1326,19 @@ def servers_to_measure(
             anchor(str(fastapi / ".venv/bin/python"), "server.py"),
             logs,
         ),
-        Server("steptrack memory", REPOSITORY, steptrack("memory:"), logs),
-        Server("steptrack sqlite", REPOSITORY, steptrack(f"sqlite:{database}"), logs),
     ]
+    for arguments in [[], *extra]:
+        name = " ".join([DEFAULT, *arguments])
+        servers.append(
+            Server(
+                name,
+                REPOSITORY,
+                steptrack(arguments),
+                logs,
+                scratch=scratch / re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-"),
+            )
+        )
+    return servers
 
 
 @dataclass
@@ -1178,20 +1356,15 @@ class Rounds:
             if server.name not in self.unavailable:
                 self._start(server)
         for round_number in range(1, runs + 1):
-            # Turn the order each round, so no server always goes first.
-            shift = (round_number - 1) % len(self.servers)
-            order = self.servers[shift:] + self.servers[:shift]
             for load in self.loads:
-                if load.fresh_server or (
-                    load.rounds is not None and round_number > load.rounds
-                ):
+                if load.fresh_server:
                     continue
-                for server in order:
+                for server in turned(self.servers, round_number):
                     if server.name in self.unavailable or (
-                        load.steptrack_only and not server.name.startswith("steptrack")
+                        load.steptrack_only and not server.is_steptrack
                     ):
                         continue
-                    self._record(measure_once(server, load, round_number), raw)
+                    self._measure(server, load, round_number, raw)
                     if not server.alive():
                         self._event(
                             f"{server.name} died during round {round_number} "
@@ -1201,31 +1374,55 @@ class Rounds:
                         server.stop()
                         self._start(server)
 
-    def run_on_fresh_servers(self, fresh: list[Server], raw: TextIO) -> None:
+    def run_on_fresh_servers(self, fresh: list[Server], runs: int, raw: TextIO) -> None:
         """
-        Each ``fresh_server`` load once per server, on a process of its own
-        that is stopped right after: one server running at a time.
+        Each ``fresh_server`` load ``runs`` times per server, each time on a
+        process of its own that is stopped right after: one server running
+        at a time.
         """
-        for load in self.loads:
-            if not load.fresh_server:
-                continue
-            for server in fresh:
-                if server.name in self.unavailable:
+        for round_number in range(1, runs + 1):
+            for load in self.loads:
+                if not load.fresh_server:
                     continue
-                try:
-                    server.start()
-                except Unavailable as error:
-                    result = {"ok": False, "error": f"no fresh server: {error}"}
-                    self._record(
-                        Record(1, server.name, load.key, False, None, 0.0, result), raw
-                    )
-                    continue
-                try:
-                    self._record(measure_once(server, load, 1), raw)
-                    if not server.alive():
-                        self._event(f"{server.name} died during {load.key}", raw)
-                finally:
-                    server.stop()
+                for server in turned(fresh, round_number):
+                    if server.name in self.unavailable:
+                        continue
+                    try:
+                        server.start()
+                    except Unavailable as error:
+                        result = {"ok": False, "error": f"no fresh server: {error}"}
+                        record = Record(
+                            round_number, server.name, load.key, False, None, 0, result
+                        )
+                        self._record(record, raw)
+                        continue
+                    try:
+                        self._measure(server, load, round_number, raw)
+                        if not server.alive():
+                            self._event(
+                                f"{server.name} died during {load.key} "
+                                f"of round {round_number}",
+                                raw,
+                            )
+                    finally:
+                        server.stop()
+
+    def _measure(
+        self, server: Server, load: Load, round_number: int, raw: TextIO
+    ) -> None:
+        before = server.processes()
+        record = measure_once(server, load, round_number)
+        record.server_processes = len(before)
+        self._record(record, raw)
+        ended = [p.pid for p in before[1:] if not proctree.is_running(p)]
+        if ended and server.alive():
+            # A supervisor that replaces a worker would hide the crash: the
+            # run may still pass, but it did not measure a steady server.
+            self._event(
+                f"{len(ended)} process(es) of {server.name} ended during round "
+                f"{round_number} of {load.key} (pids {ended})",
+                raw,
+            )
 
     def _record(self, record: Record, raw: TextIO) -> None:
         self.records.append(record)
@@ -1246,6 +1443,12 @@ class Rounds:
             say(f"{server.name} unavailable: {error}")
 
 
+def turned(servers: list[Server], round_number: int) -> list[Server]:
+    """The servers turned by one each round, so no server always goes first."""
+    shift = (round_number - 1) % len(servers)
+    return servers[shift:] + servers[:shift]
+
+
 def measure_once(server: Server, load: Load, round_number: int) -> Record:
     exit_code, result, wall = run_client(load.command(server))
     ok = load.passed(result)
@@ -1260,9 +1463,16 @@ def measure_once(server: Server, load: Load, round_number: int) -> Record:
     )
 
 
+def shown(command: list[str]) -> str:
+    """A command line for the report, with paths relative to the repository."""
+    return shlex.join(command).replace(f"{REPOSITORY}/", "")
+
+
 def describe(
     anchors: dict[str, Path],
     settings: argparse.Namespace,
+    servers: list[Server],
+    fresh: list[Server],
     nofile: int,
     fs_type: str,
     database_mb: float,
@@ -1278,12 +1488,13 @@ def describe(
         ["steptrack", "twisted", "autobahn", "klein", "msgspec"]
     )
     others = anchor_versions(anchors)
-    return [
+    lines = [
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
         f"whole run {elapsed / 60:.1f} min",
         f"- git commit: `{commit}`"
         + (f"; uncommitted changes measured too: {changed_files}" if changed else ""),
-        f"- machine: {os.cpu_count()} cores ({cpu_model()}), "
+        f"- machine: {os.cpu_count()} cores, {len(os.sched_getaffinity(0))} "
+        f"usable by this run ({cpu_model()}), "
         f"{memory_kb / 1024 / 1024:.0f} GiB, Linux {platform.release()}; "
         f"open files limit {nofile}",
         f"- Python {platform.python_version()} (steptrack and the load clients); "
@@ -1292,25 +1503,62 @@ def describe(
         "- reference servers: "
         + (", ".join(f"{k} {v}" for k, v in others.items()) or "none"),
         f"- sizes: {rounds_text(settings.runs)}; {settings.updates:,} updates "
-        f"per ingest run, {settings.requests:,} requests per query run; "
-        f"ingest-c1-1m: {settings.long_updates:,} updates, in "
-        f"{rounds_text(min(settings.long_runs, settings.runs))}; "
-        f"mixed: {settings.mixed_updates:,} updates on every server; "
+        f"per ingest-c16, ingest-c1 and v2-c16-b100 run; {settings.requests:,} "
+        f"GETs per query run; {settings.mixed_updates:,} updates per mixed run; "
         f"idle: {settings.idle_connections:,} connections held "
-        f"{settings.idle_hold:g} s, once per server on a fresh process",
-        f"- sqlite store: a fresh `bench.sqlite3` in a temporary folder ({fs_type}), "
-        f"{database_mb:.0f} MB with its WAL at the end; steptrack's defaults "
-        "otherwise (WAL, synchronous=FULL)",
+        f"{settings.idle_hold:g} s, {runs_text(settings.runs)} per server, "
+        "each on a fresh process",
+        f"- steptrack's store: its default, `steptrack.sqlite3` in its working "
+        f"directory, a new empty temporary folder ({fs_type}); "
+        f"{database_mb:.0f} MB with its WAL at the end of the rounds",
+        "",
+        "| server | command | processes, most seen |",
+        "|---|---|---:|",
     ]
+    for server, again in zip(servers, fresh, strict=True):
+        command = shown(server.command("WS_PORT", "HTTP_PORT"))
+        processes = max(server.most_processes, again.most_processes)
+        lines.append(f"| {server.name} | `{command}` | {processes or MISSING} |")
+    if settings.quick:
+        lines += [
+            "",
+            "**A `--quick` smoke run: the sizes are far below the goals' loads; "
+            "these figures measure nothing.**",
+        ]
+    elif settings.runs < 3:
+        lines += [
+            "",
+            f"**Medians of {rounds_text(settings.runs)} only: run with "
+            "`--runs 3` or more before drawing a conclusion.**",
+        ]
+    return lines
 
 
 def render(
-    report: Report, environment: list[str], exits: dict[str, list[int | None]]
+    report: Report,
+    environment: list[str],
+    exits: dict[str, list[int | None]],
+    left_behind: dict[str, list[str]],
 ) -> str:
     lines = [
         "# steptrack benchmark",
         "",
         *environment,
+        "",
+        "A server's CPU and RSS are those of its whole process tree: the",
+        "process started and every descendant, read from /proc and summed",
+        "(`bench/proctree.py`). CPU is taken over each load's timed window,",
+        "RSS at the moments `stepload.py idle` reads it: before the",
+        "connections open, once they are open, and at the end of the hold.",
+        "RSS counts pages shared between processes once per process.",
+        "",
+        "## Targets (steptrack with its default settings)",
+        "",
+        "A ratio is steptrack's median ÷ the reference's median from this run;",
+        f"`close` means within {CLOSE:.0%} of the goal, inside this machine's",
+        "run-to-run noise: check the min and max below before trusting it.",
+        "",
+        *report.targets_table(),
         "",
         f"## Medians over {rounds_text(report.runs)} "
         "(of the runs that passed every check)",
@@ -1325,23 +1573,14 @@ def render(
         "",
         *report.latency_table(),
         "",
-        "## Idle connections (one run per server, each on a fresh process)",
+        "## Idle connections (each run on a fresh process; medians of every run)",
         "",
         *report.idle_table(),
         "",
-        "## Targets",
-        "",
-        *report.targets_table(),
-        "",
-        "## Targets against the reference servers in this run",
-        "",
-        "A ratio is steptrack's median ÷ the reference's median; `close` means",
-        f"within {CLOSE:.0%} of the goal, inside this machine's run-to-run noise:",
-        "check the min and max below before trusting the verdict.",
-        "",
-        *report.reference_targets_table(),
-        "",
         "## Spread and CPU (check that the client stayed well below 1)",
+        "",
+        "`processes`: how many the server's tree had when a load started;",
+        "its CPU share can reach that many cores.",
         "",
         *report.noise_table(),
         "",
@@ -1351,6 +1590,14 @@ def render(
         "",
         "steptrack exit statuses after SIGTERM: "
         + ", ".join(f"{name} {codes}" for name, codes in exits.items()),
+        "",
+        "processes that outlived their server's stop (then killed): "
+        + (
+            "; ".join(
+                f"{name}: {', '.join(pids)}" for name, pids in left_behind.items()
+            )
+            or "none"
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -26,7 +26,8 @@ ts is well defined.
 
 This file is a load client and nothing else: it never resends (a ``retry``
 fails the run), and it only talks to the URLs it is given. Standard library
-only, so it runs on any Python 3.10+ without the project installed.
+only (with ``proctree.py`` beside it), so it runs on any Python 3.10+
+without the project installed.
 
 Output: progress on stderr, then ``# v2ingest: ...`` and one JSON object as
 the last line of stdout. Exit status: 0 every check passed, 1 the server
@@ -53,6 +54,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
+
+import proctree
 
 SUBPROTOCOL = "steptrack.v2"
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -99,20 +102,6 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU of every thread of ``pid``, from /proc/PID/stat."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            # The command name may hold spaces; the fields after it do not.
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # utime and stime are fields 14 and 15 of proc(5); 3 is the first here.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def machine_cpu_seconds() -> tuple[float, float] | None:
     """(busy, stolen) CPU seconds of all cores since boot, from /proc/stat."""
     try:
@@ -129,7 +118,8 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
 class CpuMeter:
     """
     CPU used in the timed window by this client, by the server (given its
-    PID), by anything else on the machine, and stolen by the hypervisor.
+    PID: the process and all its descendants, see ``proctree``), by anything
+    else on the machine, and stolen by the hypervisor.
     """
 
     server_pid: int | None
@@ -140,7 +130,7 @@ class CpuMeter:
 
     def start(self) -> float:
         self._own = own_cpu_seconds()
-        self._server = process_cpu_seconds(self.server_pid)
+        self._server = proctree.cpu_seconds(self.server_pid)
         self._machine = machine_cpu_seconds()
         self.started = time.perf_counter()
         return self.started
@@ -148,7 +138,7 @@ class CpuMeter:
     def stop(self, ended: float) -> dict[str, Any]:
         wall = ended - self.started
         own = own_cpu_seconds() - self._own
-        server_now = process_cpu_seconds(self.server_pid)
+        server_now = proctree.cpu_seconds(self.server_pid)
         server = (
             None
             if server_now is None or self._server is None
@@ -835,7 +825,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="give up when all is sent and no reply came for this long, s",
     )
-    parser.add_argument("--pid", type=int, help="server PID: report its CPU")
+    parser.add_argument(
+        "--pid",
+        type=int,
+        help="server PID: report the CPU of it and its descendants",
+    )
     parser.add_argument("--seed", type=int, help="seed for newSteps and update ids")
     parser.add_argument(
         "--prefix",

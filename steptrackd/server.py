@@ -12,6 +12,7 @@ finishes with nothing left that could still write to it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,6 +27,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -90,7 +92,7 @@ def describe_address(port: IListeningPort) -> str:
     return f"{host}:{getattr(address, 'port', '?')}"
 
 
-def _exit_if_any_failed(listeners: list[Listener]) -> None:
+def exit_if_any_failed(listeners: list[Listener]) -> None:
     """
     Raise :class:`CannotStart` if a listener has already failed to listen,
     as the endpoints that bind at once (TCP, UNIX, systemd) do.
@@ -113,6 +115,38 @@ def _exit_if_any_failed(listeners: list[Listener]) -> None:
         )
         _log.critical(message)
         raise CannotStart(message)
+
+
+def log_started(ws_port: IListeningPort, rest_port: IListeningPort, how: str) -> None:
+    """The start-up lines: where the daemon listens, its version, ``how`` it runs."""
+    _log.info(
+        "WebSocket updates: listening on {ws_address}",
+        ws_address=describe_address(ws_port),
+    )
+    _log.info(
+        "REST totals: listening on {rest_address}",
+        rest_address=describe_address(rest_port),
+    )
+    _log.info("steptrack {version} started; {how}", version=__version__, how=how)
+
+
+def stop_on_sigterm(reactor: Any) -> None:
+    """
+    Handle SIGTERM here rather than in Twisted: twistd re-raises the signal
+    that stopped the reactor once it has shut down, so the process would end
+    "killed by SIGTERM" instead of with status 0 after a clean stop.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        _log.info("SIGTERM: shutting down")
+        reactor.callFromThread(stop_once)
+
+    def stop_once() -> None:
+        # A second SIGTERM (systemd's and a supervisor's, say) changes nothing.
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 class Listener(Service):
@@ -247,12 +281,14 @@ class SteptrackService(MultiService):
         ws_description: str | None = None,
         rest_description: str | None = None,
         as_daemon: bool = False,
+        announce: bool = True,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.store = store
         self.limits = limits
         self._as_daemon = as_daemon
+        self._announce = announce
         store.setServiceParent(self)
         self.rejections = RejectionCounter(reactor)
         self.rejections.setServiceParent(self)
@@ -282,7 +318,7 @@ class SteptrackService(MultiService):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if self._as_daemon:
-            _exit_if_any_failed([self.ws_listener, self.rest_listener])
+            exit_if_any_failed([self.ws_listener, self.rest_listener])
 
     def startService(self) -> None:
         try:
@@ -294,7 +330,7 @@ class SteptrackService(MultiService):
             _log.critical(message)
             raise CannotStart(message) from None
         if self._as_daemon:
-            self.reactor.callWhenRunning(self._stop_on_sigterm)
+            self.reactor.callWhenRunning(stop_on_sigterm, self.reactor)
         assert self.ws_listener.listening and self.rest_listener.listening
         self.started = gatherResults(
             [self.ws_listener.listening, self.rest_listener.listening],
@@ -306,38 +342,11 @@ class SteptrackService(MultiService):
             self.reactor.callWhenRunning(
                 self.started.addCallbacks, self._log_started, self._cannot_listen
             )
-        else:
+        elif self._announce:
             self.started.addCallback(self._log_started)
 
-    def _stop_on_sigterm(self) -> None:
-        """
-        Handle SIGTERM here rather than in Twisted: twistd re-raises the
-        signal that stopped the reactor once it has shut down, so the
-        process would end "killed by SIGTERM" instead of with status 0
-        after a clean stop.
-        """
-
-        def stop(signum: int, frame: object) -> None:
-            _log.info("SIGTERM: shutting down")
-            self.reactor.callFromThread(self.reactor.stop)
-
-        signal.signal(signal.SIGTERM, stop)
-
     def _log_started(self, ports: list[IListeningPort]) -> list[IListeningPort]:
-        ws_port, rest_port = ports
-        _log.info(
-            "WebSocket updates: listening on {ws_address}",
-            ws_address=describe_address(ws_port),
-        )
-        _log.info(
-            "REST totals: listening on {rest_address}",
-            rest_address=describe_address(rest_port),
-        )
-        _log.info(
-            "steptrack {version} started; store {store}",
-            version=__version__,
-            store=self.store.description,
-        )
+        log_started(ports[0], ports[1], f"store {self.store.description}")
         return ports
 
     def _cannot_listen(self, failure: Failure) -> None:
@@ -363,7 +372,8 @@ class SteptrackService(MultiService):
         )
         yield maybeDeferred(self.rejections.stopService)
         yield self.store.stopService()
-        _log.info("steptrack stopped")
+        if self._announce:
+            _log.info("steptrack stopped")
 
 
 @dataclass

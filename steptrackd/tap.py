@@ -9,6 +9,7 @@ Autobahn or Klein.
 
 from __future__ import annotations
 
+import atexit
 import re
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from .store import (
     check_store_url,
     open_store,
 )
+from .supervisor import Supervisor, exit_with_status_of, usable_cores
 from .update import MAX_SAFE_INTEGER
 
 DEFAULT_WS_LISTEN = r"tcp6:8081:interface=\:\:"
@@ -62,6 +64,7 @@ def _seconds(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+_SHAREABLE_ENDPOINTS = frozenset({"tcp", "tcp6", "unix", "systemd"})
 _DURATION_HELP = " Seconds, or a number with s, m, h or d."
 _CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "max-message-size": _positive_int,
@@ -82,7 +85,9 @@ class Options(usage.Options):
         "Runs steptrack: devices send step updates over WebSocket, apps "
         "read each user's total over REST. Listen options take Twisted "
         "endpoint descriptions (tcp:, tcp6:, ssl:, unix:, systemd:); "
-        "the defaults listen on all IPv4 and IPv6 addresses."
+        "the defaults listen on all IPv4 and IPv6 addresses. With the "
+        "SQLite store it runs one worker process per CPU core (--workers), "
+        "all sharing the ports and the database."
     )
 
     optParameters = [
@@ -103,6 +108,15 @@ class Options(usage.Options):
             None,
             DEFAULT_STORE,
             f"Where totals are kept: {STORE_KINDS}.",
+        ],
+        [
+            "workers",
+            None,
+            "auto",
+            "Worker processes serving both APIs over one SQLite store; auto "
+            f"is one per usable CPU core ({usable_cores()} here). With one, "
+            "the daemon is a single process. The memory store, and listen "
+            "endpoints other than tcp:, tcp6:, unix: and systemd:, need one.",
         ],
         [
             "max-message-size",
@@ -192,6 +206,25 @@ class Options(usage.Options):
             check_store_url(self["store"])
         except ValueError as e:
             raise usage.UsageError(f"--store: {e}") from None
+        self["workers"] = self._workers(str(self["workers"]))
+
+    def _workers(self, text: str) -> int:
+        shareable = self["store"].startswith("sqlite:") and all(
+            self[option].split(":", 1)[0] in _SHAREABLE_ENDPOINTS
+            for option in ("ws-listen", "rest-listen")
+        )
+        if text == "auto":
+            return usable_cores() if shareable else 1
+        try:
+            workers = _positive_int(text)
+        except ValueError as e:
+            raise usage.UsageError(f"--workers: {e} or auto") from None
+        if workers > 1 and not shareable:
+            raise usage.UsageError(
+                "--workers: more than one worker needs the sqlite: store and "
+                "tcp:, tcp6:, unix: or systemd: listen endpoints"
+            )
+        return workers
 
     def limits(self) -> ProtocolLimits:
         return ProtocolLimits(
@@ -207,6 +240,20 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    if options["workers"] > 1:
+        supervisor = Supervisor(
+            reactor,
+            serverFromString(reactor, options["ws-listen"]),
+            serverFromString(reactor, options["rest-listen"]),
+            options["store"][len("sqlite:") :],
+            options["workers"],
+            dedupe_retention=options["dedupe-retention"],
+            limits=options.limits(),
+            ws_description=options["ws-listen"],
+            rest_description=options["rest-listen"],
+        )
+        atexit.register(exit_with_status_of, supervisor)
+        return supervisor
     store = open_store(options["store"], reactor, options["dedupe-retention"])
     return SteptrackService(
         reactor,

@@ -3,10 +3,10 @@ The WebSocket adapter: device connections that stream updates into a store.
 
 This is a thin layer over Autobahn. It decodes each message with
 ``update.UpdateDecoder``, counts the invalid ones, and hands the valid ones
-to the store in arrival order. Framing, UTF-8 checks of text messages, size
-limits, pings and the closing handshake are Autobahn's own code, configured
-with real limits. It does not know how totals are kept (``store``) or read
-(``rest``).
+to the store in arrival order. Framing, size limits, pings and the closing
+handshake are Autobahn's own code, configured with real limits, and so is
+the UTF-8 check of text messages except for the shortcut below. It does not
+know how totals are kept (``store``) or read (``rest``).
 
 Two versions of the protocol share one connection class:
 
@@ -22,6 +22,40 @@ shared; ``footprint`` says how, ``timeouts`` does the timeouts.
 
 The version 1 path is kept short on purpose: one decode, one append; the
 updates decoded from one network read reach the store in a single call.
+
+How a message is made cheap without framing anything beside Autobahn: every
+frame, whatever it is, is parsed and checked by Autobahn's own code, and the
+adapter only uses Autobahn's extension points.
+
+- Unmasking: Autobahn's default unmasker (its native "NVX" one) allocates
+  several objects per frame, which costs more than everything else a small
+  frame needs. Autobahn is told not to unmask (its ``applyMask`` option), and
+  ``onFrameBegin`` gives each masked frame, data or control, wsaccel's
+  unmasker before Autobahn reads a byte of its payload.
+- Reads in slices: after each frame Autobahn copies what is left of its
+  receive buffer, so a frame costs in proportion to the bytes behind it.
+  A network read is handed to Autobahn ``READ_SLICE`` bytes at a time.
+- Bounded work per turn: one read holds up to 64 KiB, about 500 updates,
+  and REST requests in the same reactor would wait while it is processed.
+  At most ``MAX_BYTES_PER_TURN`` of a read is processed at once; the rest
+  waits for the next turn of the reactor, with reading from that client
+  paused. The read's updates still go to the store in one call, once the
+  read is done (or the connection lost).
+- UTF-8: a text message in one frame whose payload has arrived whole is
+  checked once it is complete instead of by Autobahn's incremental
+  validator; an ASCII payload, the usual case, needs no more than
+  ``bytes.isascii()``. Such a message is all in Autobahn's buffer already,
+  so invalid UTF-8 closes it with 1007 at the point where Autobahn would.
+- Autobahn's per-message "message" event (a future nobody here listens to)
+  is never made: ``onMessageEnd`` is replaced.
+
+What the shortcuts leave to Autobahn, at its own cost: fragmented text
+messages, and text frames cut by the end of a read or of a slice, are
+validated incrementally by Autobahn, so that invalid UTF-8 fails them as
+soon as it arrives; the opening handshake; and every rule about frames
+(reserved bits and opcodes, unmasked or oversized frames, control frames
+and the closing handshake). Binary messages are not UTF-8 text to RFC 6455:
+the decoder checks their UTF-8. permessage-deflate is never negotiated.
 """
 
 from __future__ import annotations
@@ -48,12 +82,13 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from wsaccel.xormask import XorMaskerSimple
 from zope.interface import implementer
 
 from . import __version__, footprint, timeouts
 from .rejections import RejectionCounter
 from .store import IStepStore, Outcome, StoreWriteFailed
-from .update import InvalidUpdate, Reason, Update, UpdateDecoder
+from .update import InvalidUpdate, Reason, Update, UpdateDecoder, is_utf8
 
 CLOSE_GOING_AWAY = 1001
 SUBPROTOCOL_V2: Final = "steptrack.v2"
@@ -64,6 +99,10 @@ MAX_FRAMES_PER_MESSAGE: Final = 1024
 """Fragments one message may have: each costs memory even when empty."""
 MAX_HANDSHAKE_SIZE: Final = 16 * 1024
 """Bytes of the HTTP opening handshake, headers included."""
+READ_SLICE: Final = 4096
+"""Bytes of a network read handed to Autobahn at a time."""
+MAX_BYTES_PER_TURN: Final = 8 * 1024
+"""Bytes of one client's data processed in one turn of the reactor."""
 
 _log = Logger()
 
@@ -132,6 +171,12 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         "_open_when_read_began",
         "_drop_deadline",
         "_closed",
+        "_unread",
+        "_next_turn",
+        "_utf8_at_end",
+        # An option, but one each connection sets for itself, message by
+        # message: in a slot, not on the shared class (see ``footprint``).
+        "utf8validateIncoming",
     )
 
     factory: StepUpdateFactory
@@ -151,7 +196,14 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         # "replies" (the client does not read what we send).
         self._pause_reasons = _NOT_PAUSED
         self._frames_in_message = 0
+        # Whether the text message being received is checked for UTF-8 once
+        # complete, rather than by Autobahn as it arrives.
+        self._utf8_at_end = False
         self._open_when_read_began = False
+        # What was read but is left for later turns of the reactor, and the
+        # call that will take the next turn.
+        self._unread = b""
+        self._next_turn: IDelayedCall | None = None
         self._drop_deadline: IDelayedCall | None = None
         self._closed: Deferred[None] | None = None
 
@@ -217,6 +269,13 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.factory.connections.discard(self)
             if self._drop_deadline is not None and self._drop_deadline.active():
                 self._drop_deadline.cancel()
+            if self._next_turn is not None and self._next_turn.active():
+                self._next_turn.cancel()
+            # What had been decoded still counts; what waited for its turn
+            # is dropped, as if it had never been read.
+            self._unread = b""
+            if self._pending:
+                self._flush()
             self.closed.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
@@ -234,16 +293,59 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             ):
                 self.failHandshake("opening handshake too large", 431)
                 return
+        if self._unread:
+            # Read while paused, as a TLS transport may: it comes after
+            # what is waiting.
+            self._unread += data
+        else:
+            self._take_turn(data)
+
+    def _take_turn(self, data: bytes) -> None:
+        """
+        Hand ``data`` to Autobahn: ``MAX_BYTES_PER_TURN`` of it now, and the
+        rest in later turns of the reactor, not reading from the client
+        meanwhile, so that one client's burst does not hold up the others
+        and REST requests.
+        """
+        now, self._unread = data[:MAX_BYTES_PER_TURN], data[MAX_BYTES_PER_TURN:]
         self._open_when_read_began = self.state in (
             self.STATE_CONNECTING,
             self.STATE_OPEN,
         )
         try:
-            self._dataReceived(data)
+            # Autobahn copies the rest of its buffer after every frame: small
+            # slices keep that copy small.
+            for start in range(0, len(now), READ_SLICE):
+                self._dataReceived(now[start : start + READ_SLICE])
+                if self.state == self.STATE_CLOSED:
+                    # Autobahn ignores whatever comes after.
+                    self._unread = b""
+                    break
+        except BaseException:
+            # The connection is dropped for it: nothing is left for later.
+            self._unread = b""
+            raise
         finally:
             self._open_when_read_began = False
-            if self._pending:
+            # The updates of one read reach the store in one call.
+            if self._pending and not self._unread:
                 self._flush()
+        if self._unread:
+            if self._next_turn is None:
+                self.pause_reading("turn")
+            self._next_turn = self.factory.reactor.callLater(0, self._turn)
+        elif self._next_turn is not None:
+            self._next_turn = None
+            self.resume_reading("turn")
+
+    def _turn(self) -> None:
+        try:
+            self._take_turn(self._unread)
+        except Exception:
+            # What Twisted does when dataReceived raises.
+            _log.failure("Bug while reading from a client")
+            if self.transport is not None:
+                cast(ITCPTransport, self.transport).abortConnection()
 
     def dropConnection(self, abort: bool = False) -> None:
         # A close frame that breaks the rules (a reserved code, a reason that
@@ -266,14 +368,33 @@ class StepUpdateProtocol(WebSocketServerProtocol):
             self.factory.rejections.count_closed(code, reason)
         super()._fail_connection(code, reason)
 
-    def onMessageBegin(self, isBinary: bool) -> None:
-        super().onMessageBegin(isBinary)
-        self._frames_in_message = 0
-
-    def onMessageFrameBegin(self, length: int) -> None:
+    def onFrameBegin(self) -> None:
+        # Autobahn has parsed and checked the frame's header, and reads its
+        # payload through current_frame_masker from now on.
+        frame = self.current_frame
+        if frame.mask is not None and frame.length > 0:
+            # The factory turns Autobahn's own unmasking off (applyMask):
+            # its default unmasker costs more per frame than all the rest.
+            self.current_frame_masker = XorMaskerSimple(frame.mask)
+        if frame.opcode > 7:
+            super().onFrameBegin()
+            return
+        if not self.inside_message:
+            self._frames_in_message = 0
+            # A text message in one frame whose payload is all here is
+            # checked whole at its end, where an ASCII payload costs next to
+            # nothing; Autobahn's validator, read at the start of each
+            # message, would fail it no sooner. Anything else that is text
+            # is validated by Autobahn as it arrives.
+            self._utf8_at_end = (
+                frame.opcode == self.MESSAGE_TYPE_TEXT
+                and frame.fin
+                and len(self.data) >= frame.length
+            )
+            self.utf8validateIncoming = not self._utf8_at_end
+        super().onFrameBegin()
         # Autobahn bounds a message's bytes, not its fragments: a stream of
         # empty continuation frames would grow without end.
-        super().onMessageFrameBegin(length)
         self._frames_in_message += 1
         if self._frames_in_message > MAX_FRAMES_PER_MESSAGE and not self.failedByMe:
             self._fail_connection(
@@ -286,29 +407,41 @@ class StepUpdateProtocol(WebSocketServerProtocol):
         # per-message "message" event that nothing here listens to.
         if not self.failedByMe:
             payload = b"".join(self.message_data)
-            try:
-                if self.version == 1:
-                    self._decode(payload)
-                else:
-                    self._receive_v2(payload)
-            except Exception:
-                # A bug must cost this one message, not the connection.
-                _log.failure(
-                    "Bug while handling a message of {length} bytes",
-                    length=len(payload),
-                )
-                if self._replies and not self._replies[-1].ready:
-                    self._replies[-1].ready = True
-                    self._send_replies()
+            if self._utf8_at_end and not is_utf8(payload):
+                # What Autobahn's own validator would have done: 1007.
+                self._invalid_payload("invalid UTF-8 in a text message")
+            else:
+                try:
+                    if self.version == 1:
+                        self._receive_v1(payload)
+                    else:
+                        self._receive_v2(payload)
+                except Exception:
+                    # A bug must cost this one message, not the connection.
+                    _log.failure(
+                        "Bug while handling a message of {length} bytes",
+                        length=len(payload),
+                    )
+                    if self._replies and not self._replies[-1].ready:
+                        self._replies[-1].ready = True
+                        self._send_replies()
         self.message_data = None  # type: ignore[assignment]
 
     # -- version 1 --
 
-    def _decode(self, payload: bytes) -> None:
+    def _receive_v1(self, payload: bytes) -> None:
+        decoder = self.factory.decoder
         try:
-            self._pending.append(self.factory.decoder.decode(payload))
+            if self.message_is_binary:
+                update = decoder.decode(payload)
+            else:
+                # A text message has been checked for UTF-8 by now, by
+                # Autobahn or by onMessageEnd.
+                update = decoder.decode_utf8(payload)
         except InvalidUpdate as invalid:
             self._count(invalid)
+        else:
+            self._pending.append(update)
 
     def _flush(self) -> None:
         updates, self._pending = self._pending, []
@@ -486,6 +619,8 @@ class StepUpdateFactory(WebSocketServerFactory):
             closeHandshakeTimeout=close_timeout,
             autoPingInterval=ping_interval,
             autoPingTimeout=ping_timeout,
+            # Frames are unmasked with wsaccel instead (see onFrameBegin).
+            applyMask=False,
             # Close with the RFC 6455 status code (1007, 1009, ...) rather
             # than dropping TCP, so clients learn what they did wrong.
             failByDrop=False,
@@ -513,11 +648,12 @@ class StepUpdateFactory(WebSocketServerFactory):
         return applying.addCallback(self._count_refused)
 
     def _count_refused(self, outcomes: list[Outcome]) -> list[Outcome]:
-        for outcome in outcomes:
-            if outcome is Outcome.TOTAL_OVERFLOW:
-                self.rejections.count(
-                    Reason.TOTAL_OVERFLOW, "the total would pass 2^53 - 1"
-                )
+        if Outcome.TOTAL_OVERFLOW in outcomes:
+            for outcome in outcomes:
+                if outcome is Outcome.TOTAL_OVERFLOW:
+                    self.rejections.count(
+                        Reason.TOTAL_OVERFLOW, "the total would pass 2^53 - 1"
+                    )
         return outcomes
 
     @staticmethod

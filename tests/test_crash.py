@@ -17,7 +17,9 @@ own transactions are tested in memory and on temporary files elsewhere.
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import secrets
 import signal
 from collections.abc import Iterable
@@ -299,7 +301,9 @@ async def check_recovered(
     return Recovered(held, lacking)
 
 
-async def start_on(daemons: Daemons, database: Path) -> tuple[Daemon, int, int]:
+async def start_on(
+    daemons: Daemons, database: Path, workers: str = "auto"
+) -> tuple[Daemon, int, int]:
     """A daemon on ``database``: the daemon, its WebSocket and REST ports."""
     daemon, ports = await daemons.start(
         *LOOPBACK,
@@ -307,14 +311,28 @@ async def start_on(daemons: Daemons, database: Path) -> tuple[Daemon, int, int]:
         f"sqlite:{database}",
         "--max-new-steps",
         str(MAX_NEW_STEPS),
+        "--workers",
+        workers,
     )
     return daemon, ports.ws, ports.rest
 
 
+def kill_every_process(daemon: Daemon) -> None:
+    """
+    SIGKILL to the daemon's workers, if it has any, and to the daemon: the
+    whole of it dies at once, as in a power cut, with no worker left to
+    shut down cleanly.
+    """
+    started = re.search(r"\d+ workers \(pids ([\d, ]+)\)", daemon.log)
+    for pid in started[1].split(", ") if started else []:
+        os.kill(int(pid), signal.SIGKILL)
+    daemon.send_signal("KILL")
+
+
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(("seed", "workers"), [(1, "auto"), (2, "auto"), (3, "1")])
 async def test_sigkill_mid_stream_loses_no_acked_update(
-    daemons: Daemons, tmp_path: Path, seed: int
+    daemons: Daemons, tmp_path: Path, seed: int, workers: str
 ) -> None:
     """After SIGKILL mid-stream, acked updates are kept, none twice; resends ack."""
     rng = random.Random(seed)
@@ -323,11 +341,11 @@ async def test_sigkill_mid_stream_loses_no_acked_update(
     )
     batch_count = sum(len(own) for own in batches)
     database = tmp_path / "totals.sqlite3"
-    daemon, ws_port, _ = await start_on(daemons, database)
+    daemon, ws_port, _ = await start_on(daemons, database, workers)
     streams = await open_streams(ws_port, batches, window=4)
 
     await stream_until(streams, rng.randint(batch_count // 5, batch_count // 2))
-    daemon.send_signal("KILL")
+    kill_every_process(daemon)
     in_flight = unanswered(streams)
     assert in_flight > 0
     assert await daemon.exited(STOP_TIMEOUT) == Exit(None, signal.SIGKILL)

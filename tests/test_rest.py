@@ -1,21 +1,29 @@
 """
-The REST adapter against every row of contract section 4: the real site
-(Klein routes inside the JSON-only root) driven in memory by treq's stub
-client, over a memory store.
+The REST adapter against every row of contract section 4, over a memory
+store, three ways: the daemon's site on an in-memory connection (its own
+request class, so reads of totals take the direct way), the same with
+direct reads off (everything through Klein), and the root resource alone
+under treq's stub client.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.server import Site
 
 from steptrackd.rest import totals_site
 from steptrackd.store import MemoryStore, Total
@@ -23,9 +31,12 @@ from steptrackd.update import Update
 
 from .test_store import result_of
 
+SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 8080)
+CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 50123)
+
 
 class Answer:
-    def __init__(self, status: int, headers: Any, body: bytes) -> None:
+    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
         self.status = status
         self.headers = headers
         self.body = body
@@ -38,7 +49,16 @@ class Answer:
         return json.loads(self.body)
 
 
-class Client:
+class Client(Protocol):
+    def request(
+        self, method: str, path: str, headers: dict[bytes, list[bytes]] | None = None
+    ) -> Answer: ...
+
+
+class StubClient:
+    """The site's root resource under treq's stub client (and Twisted's
+    own request class): always the way through Klein."""
+
     def __init__(self, store: MemoryStore) -> None:
         self.stub: Any = StubTreq(totals_site(store).resource)
 
@@ -52,6 +72,86 @@ class Client:
         return Answer(response.code, response.headers, body)
 
 
+def memory_site(store: MemoryStore, direct_reads: bool = True) -> Site:
+    """The daemon's REST site, with its timers on a clock of its own."""
+    site = totals_site(store, direct_reads)
+    site.reactor = Clock()
+    return site
+
+
+def exchange(site: Site, data: bytes) -> tuple[bytes, bool]:
+    """
+    Everything ``site`` writes back when ``data`` arrives on one in-memory
+    connection, and whether it then closes the connection.
+    """
+    channel = site.buildProtocol(CLIENT_ADDRESS)
+    assert channel is not None
+    transport = StringTransport(hostAddress=SERVER_ADDRESS, peerAddress=CLIENT_ADDRESS)
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    written, closing = transport.value(), transport.disconnecting
+    channel.connectionLost(Failure(ConnectionDone()))
+    return written, closing
+
+
+def parse_response(data: bytes, head_only: bool = False) -> Answer:
+    """The one HTTP response in ``data``, its body de-chunked if need be."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = Headers()
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers.addRawHeader(name.strip(), value.strip())
+    if head_only:
+        body = b""
+    elif headers.getRawHeaders(b"Transfer-Encoding") == [b"chunked"]:
+        chunks = []
+        while True:
+            size_line, _, body = body.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            chunks.append(body[:size])
+            body = body[size + 2 :]
+        body = b"".join(chunks)
+    else:
+        length = headers.getRawHeaders(b"Content-Length")
+        assert length is not None, "no length: the response is cut off"
+        body = body[: int(length[0])]
+    return Answer(int(status_line.split(b" ")[1]), headers, body)
+
+
+class SiteClient:
+    """The daemon's REST site on an in-memory connection, a request each."""
+
+    def __init__(self, store: MemoryStore, direct_reads: bool = True) -> None:
+        self.site = memory_site(store, direct_reads)
+
+    def request(
+        self, method: str, path: str, headers: dict[bytes, list[bytes]] | None = None
+    ) -> Answer:
+        fields = {b"Host": [b"localhost:8080"], **(headers or {})}
+        data = method.encode("ascii") + b" " + path.encode("ascii") + b" HTTP/1.1\r\n"
+        for name, values in fields.items():
+            data += b"".join(name + b": " + value + b"\r\n" for value in values)
+        written, _ = exchange(self.site, data + b"\r\n")
+        return parse_response(written, head_only=method == "HEAD")
+
+
+CLIENTS: dict[str, Callable[[MemoryStore], Client]] = {
+    "direct": SiteClient,
+    "klein": lambda store: SiteClient(store, direct_reads=False),
+    "resource": StubClient,
+}
+
+
+@pytest.fixture(params=list(CLIENTS))
+def client_kind(request: pytest.FixtureRequest) -> str:
+    """Which way the request goes: see the module docstring."""
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
 def store() -> Iterator[MemoryStore]:
     store = MemoryStore(Clock())
@@ -62,8 +162,8 @@ def store() -> Iterator[MemoryStore]:
 
 
 @pytest.fixture
-def client(store: MemoryStore) -> Client:
-    return Client(store)
+def client(store: MemoryStore, client_kind: str) -> Client:
+    return CLIENTS[client_kind](store)
 
 
 def assert_json_response(answer: Answer) -> None:
@@ -156,6 +256,10 @@ def test_malformed_percent_encoding(client: Client, path: str) -> None:
     "username",
     [
         "a/b",
+        "/",
+        "/a",
+        "a/",
+        "//x//",
         "with space",
         "é😀",
         "100%",
@@ -208,9 +312,11 @@ class RaisingStore(MemoryStore):
 
 
 @pytest.mark.parametrize("store_class", [FailingStore, RaisingStore])
-def test_fault_is_a_500_with_no_traceback(store_class: type[MemoryStore]) -> None:
+def test_fault_is_a_500_with_no_traceback(
+    store_class: type[MemoryStore], client_kind: str
+) -> None:
     """A fault inside the server is a JSON 500; the traceback goes to the log only."""
-    client = Client(store_class(Clock()))
+    client = CLIENTS[client_kind](store_class(Clock()))
     with capturedLogs() as events:
         answer = client.request("GET", "/users/luisa/steps")
     assert answer.status == 500

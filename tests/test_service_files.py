@@ -242,6 +242,7 @@ def test_status_reports_a_running_daemon(init_script: InitScript) -> None:
 def test_start_again_keeps_the_running_daemon(init_script: InitScript) -> None:
     """A second start exits 0 and starts no second process."""
     pid = init_script.start()
+    init_script.rest_port()  # serving
     result = init_script.run("start")
     assert result.returncode == OK, result
     assert init_script.pid() == pid
@@ -396,6 +397,7 @@ def test_systemd_unit(tmp_path: Path) -> None:
         "EnvironmentFile": {"-/etc/default/steptrack"},
         "NoNewPrivileges": {"yes"},
         "ProtectSystem": {"strict"},
+        "KillMode": {"mixed"},
         "ProtectHome": {"yes"},
         "PrivateTmp": {"yes"},
         "PrivateDevices": {"yes"},

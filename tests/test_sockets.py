@@ -193,6 +193,35 @@ async def test_oversized_message_closes_only_that_connection() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_bursts_on_several_connections_are_counted_exactly(
+    server: RunningServer,
+) -> None:
+    """Reads far past the per-turn budget, on two connections at once: exact totals."""
+    ws_port, rest_port = _ports(server)
+    clients = [await open_ws(reactor, "127.0.0.1", ws_port) for _ in range(2)]
+    for number, client in enumerate(clients):
+        # Written in one go: the server reads it in 64 KiB pieces, each
+        # processed over several turns.
+        for i in range(4000):
+            client.send_update(
+                {
+                    "update_id": f"{number}-{i % 3000}",
+                    "username": f"burst-{number}",
+                    "ts": i,
+                    "newSteps": 1 if i < 3000 else 5,
+                },
+                binary=i % 2 == 1,
+            )
+    for number, client in enumerate(clients):
+        await client.barrier()
+        result = await http(
+            "GET", "127.0.0.1", rest_port, f"/users/burst-{number}/steps"
+        )
+        assert result.json() == {"cumulativeSteps": 3000, "ts": 2999}
+        assert not client.closed.called
+
+
+@pytest_twisted.ensureDeferred
 async def test_invalid_updates_keep_the_connection(server: RunningServer) -> None:
     """Over a real socket, garbage is ignored and counted; the connection stays open."""
     ws_port, rest_port = _ports(server)

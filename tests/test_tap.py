@@ -5,14 +5,22 @@ starting anything.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import twisted.test
 from twisted.python import usage
 
 from steptrackd.server import ProtocolLimits, SteptrackService
 from steptrackd.store import MemoryStore
+from steptrackd.supervisor import Supervisor, usable_cores
 from steptrackd.tap import Options, makeService
+
+# A TLS endpoint needs a real key and certificate: Twisted's test one.
+TLS_ENDPOINT = "ssl:0:privateKey=" + str(
+    Path(twisted.test.__file__).with_name("server.pem")
+).replace(":", "\\:")
 
 
 def parse(*argv: str) -> Options:
@@ -67,12 +75,33 @@ def test_help_shows_every_default() -> None:
         (["--rest-listen", "tcp:notaport"], "--rest-listen"),
         (["--store", "bogus:"], "--store"),
         (["--store", "memory:extra"], "--store"),
+        (["--workers", "0"], "--workers"),
+        (["--workers", "many"], "--workers"),
+        (["--workers", "2", "--store", "memory:"], "sqlite: store"),
+        (["--workers", "2", "--ws-listen", TLS_ENDPOINT], "tcp:"),
     ],
 )
 def test_bad_values_are_usage_errors(argv: list[str], message: str) -> None:
     """A bad option value is a UsageError that says what is wrong."""
     with pytest.raises(usage.UsageError, match=message):
         parse(*argv)
+
+
+def test_workers_default_to_one_per_core_when_they_can_share() -> None:
+    """auto: one worker per usable core, but one where workers cannot share."""
+    assert parse()["workers"] == usable_cores()
+    assert parse("--workers", "3")["workers"] == 3
+    assert parse("--store", "memory:")["workers"] == 1
+    assert parse("--rest-listen", TLS_ENDPOINT)["workers"] == 1
+    assert parse("--ws-listen", "unix:/tmp/steps.sock")["workers"] == usable_cores()
+
+
+def test_make_service_with_workers_is_a_supervisor() -> None:
+    """More than one worker: the service is their supervisor, on the database."""
+    service = makeService(parse("--workers", "2", "--store", "sqlite:/srv/s.db"))
+    assert isinstance(service, Supervisor)
+    assert (service.count, service.database) == (2, "/srv/s.db")
+    assert isinstance(makeService(parse("--workers", "1")), SteptrackService)
 
 
 def test_ping_timeout_may_be_zero_when_pings_are_off() -> None:

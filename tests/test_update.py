@@ -97,6 +97,9 @@ def test_top_level_must_be_an_object(payload: bytes) -> None:
         "trailing newline\n",
         "\x1f",
         "del\x7f",
+        "é\x00",
+        "ü\n",
+        "😀\x7f",
     ],
 )
 def test_username_rule(username: Any) -> None:
@@ -106,10 +109,25 @@ def test_username_rule(username: Any) -> None:
 
 @pytest.mark.parametrize(
     "username",
-    ["x" * 256, "😀" * 256, "with space", "a/b", "toString", "__proto__", "é"],
+    [
+        "x" * 256,
+        "😀" * 256,
+        "with space",
+        "a/b",
+        "toString",
+        "__proto__",
+        "é",
+        "\u00a0",
+        "x\u0085",
+        "\u2028",
+    ],
 )
 def test_usernames_that_are_valid(username: str) -> None:
-    """256 characters (not bytes), spaces, slashes and odd names are valid."""
+    """256 characters (not bytes), spaces, slashes and odd names are valid.
+
+    Only U+0000 to U+001F and U+007F are control characters to the rule:
+    U+0085, a no-break space or a line separator are not.
+    """
     assert decoder.decode(encode(username=username)).username == username
 
 
@@ -253,6 +271,28 @@ def test_any_payload_decodes_or_is_invalid_with_a_reason(payload: bytes) -> None
         assert 0 <= update.new_steps <= decoder.max_new_steps
         assert 0 <= update.ts <= MAX_SAFE_INTEGER
         assert 1 <= len(update.username) <= 256
+
+
+@pytest.mark.parametrize(
+    ("skipped", "bad"),
+    [
+        (b'"x": "%s"', b"\xff"),
+        # an encoded surrogate, in a key
+        (b'"%s": 1', b"\xed\xa0\x80"),
+        # an overlong "/"
+        (b'"x": ["%s"]', b"\xc0\xaf"),
+        # past U+10FFFF
+        (b'"x": {"y": "%s"}', b"\xf4\x90\x80\x80"),
+    ],
+)
+def test_utf8_is_checked_in_skipped_fields_too(skipped: bytes, bad: bytes) -> None:
+    """Invalid UTF-8 anywhere, even in a field that is skipped, is not_json."""
+    payload = b'{"username": "a", "ts": 1, "newSteps": 1, ' + skipped + b"}"
+    assert decoder.decode(payload % "é".encode()).username == "a"
+    assert reason_of(payload % bad) is Reason.NOT_JSON
+    with pytest.raises(InvalidUpdate) as raised:
+        decoder.decode_batch(b"[" + payload % bad + b"]", 1000)
+    assert raised.value.reason is Reason.NOT_JSON
 
 
 @pytest.mark.parametrize("depth", [1000, 100_000])

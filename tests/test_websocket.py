@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from autobahn.websocket.utf8validator import Utf8Validator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -22,8 +23,9 @@ from twisted.logger import LogLevel, capturedLogs
 
 from steptrackd.rejections import RejectionCounter
 from steptrackd.store import MemoryStore, Outcome, StoreWriteFailed, Total
-from steptrackd.update import MAX_SAFE_INTEGER, Reason
+from steptrackd.update import MAX_SAFE_INTEGER, Reason, Update
 from steptrackd.websocket import (
+    MAX_BYTES_PER_TURN,
     MAX_FRAMES_PER_MESSAGE,
     MAX_HANDSHAKE_SIZE,
     MAX_IN_FLIGHT,
@@ -676,6 +678,8 @@ def test_frames_right_behind_the_handshake_are_fine() -> None:
     )
     assert len(body) > MAX_HANDSHAKE_SIZE
     protocol.dataReceived(HANDSHAKE + b"\r\n" + body)
+    # A read this long is processed over several turns of the reactor.
+    adapter.clock.advance(0)
     assert adapter.total("fast") == Total(400, 399)
 
 
@@ -687,3 +691,267 @@ def test_protocol_errors_are_counted_not_logged_one_by_one(adapter: Adapter) -> 
     assert adapter.rejections.closed == {1007: 50}
     noisy = [e for e in events if e.get("log_level") >= LogLevel.warn]
     assert noisy == []
+
+
+# What makes a message cheap (wsaccel's unmasking, reads in slices over
+# several turns, UTF-8 checked at the end of a whole text message) must not
+# change what any message means.
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536])
+def test_payloads_of_every_length_encoding_are_unmasked(size: int) -> None:
+    """7-bit, 16-bit and 64-bit payload lengths all reach the decoder intact."""
+    adapter = Adapter(max_message_size=70_000)
+    device = adapter.device()
+    payload = update(username="len", ts=1, newSteps=size)
+    padded = payload + b" " * (size - len(payload))
+    written = device.send(frame(padded[:size], TEXT))
+    adapter.clock.advance(0)
+    assert written == b""
+    if size >= len(payload):
+        assert adapter.total("len") == Total(size, 1)
+    else:
+        assert adapter.rejections.totals == {Reason.NOT_JSON: 1}
+
+
+def test_unmasked_client_frame_closes_with_1002(adapter: Adapter) -> None:
+    """A client frame without a mask is refused by Autobahn, as before."""
+    device = adapter.device()
+    payload = update(username="bare", ts=1, newSteps=1)
+    written = device.send(struct.pack("!BB", 0x80 | TEXT, len(payload)) + payload)
+    assert close_code(written) == 1002
+    assert adapter.total("bare") is None
+
+
+def test_control_frame_payloads_are_unmasked(adapter: Adapter) -> None:
+    """A ping of the largest size is answered with exactly its payload."""
+    device = adapter.device()
+    ping = os.urandom(125)
+    assert server_frames(device.send(frame(ping, PING))) == [(PONG, ping)]
+
+
+def _burst(username: str, count: int, new_steps: int = 1, first_ts: int = 0) -> bytes:
+    """``count`` updates with ids id-0, id-1, ... in one read."""
+    return b"".join(
+        frame(
+            update(
+                username=username,
+                ts=first_ts + i,
+                newSteps=new_steps,
+                update_id=f"id-{i}",
+            )
+        )
+        for i in range(count)
+    )
+
+
+def test_long_read_is_processed_over_several_turns(
+    adapter: Adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read past the per-turn budget is applied over later turns, in order."""
+    calls: list[int] = []
+    apply = adapter.store.apply
+
+    def counted(updates: list[Update]) -> Deferred[list[Outcome]]:
+        calls.append(len(updates))
+        return apply(updates)
+
+    monkeypatch.setattr(adapter.store, "apply", counted)
+    device = adapter.device()
+    # The same ids again: in order, the first of each counts.
+    data = _burst("burst", 500) + _burst("burst", 500, new_steps=7, first_ts=1000)
+    assert len(data) > 3 * MAX_BYTES_PER_TURN
+    device.protocol.dataReceived(data)
+    # Not read from until the rest has been processed.
+    assert device.transport.producerState == "paused"
+    adapter.clock.advance(0)
+    assert adapter.total("burst") == Total(500, 499)
+    assert device.transport.producerState == "producing"
+    # The updates of one read still reach the store in one call.
+    assert calls == [1000]
+
+
+def test_data_read_during_a_wait_comes_after_what_waits(adapter: Adapter) -> None:
+    """What a transport delivers while reading is paused goes after the rest."""
+    device = adapter.device()
+    device.protocol.dataReceived(_burst("late", 600))
+    # A resend of the first update, which must find it applied.
+    device.protocol.dataReceived(
+        frame(update(username="late", ts=9999, newSteps=50, update_id="id-0"))
+    )
+    adapter.clock.advance(0)
+    assert adapter.total("late") == Total(600, 599)
+
+
+def test_connection_lost_during_a_long_read(adapter: Adapter) -> None:
+    """Lost mid-read: what was decoded is applied; what waited its turn is not."""
+    device = adapter.device()
+    device.protocol.dataReceived(_burst("gone", 600))
+    device.protocol.connectionLost()
+    adapter.clock.advance(0)
+    total = adapter.total("gone")
+    assert total is not None
+    # A first part of the burst, in order.
+    assert 0 < total.cumulative_steps < 600
+    assert total.ts == total.cumulative_steps - 1
+
+
+def test_fault_in_a_later_turn_drops_only_that_connection(
+    adapter: Adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while processing a later turn is logged and drops the connection."""
+    device = adapter.device()
+    other = adapter.device()
+    device.protocol.dataReceived(_burst("fault", 600))
+
+    def broken(data: bytes) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(device.protocol, "_dataReceived", broken)
+    with capturedLogs() as events:
+        adapter.clock.advance(0)
+    assert [e["log_failure"].value.args for e in events if "log_failure" in e] == [
+        ("bug",)
+    ]
+    assert device.transport.aborted
+    first_turn = adapter.total("fault")
+    assert first_turn is not None
+    assert 0 < first_turn.cumulative_steps < 600
+    assert other.send(frame(update(username="other", ts=1, newSteps=1))) == b""
+    assert adapter.total("other") == Total(1, 1)
+
+
+def test_a_close_ends_the_long_read(adapter: Adapter) -> None:
+    """After the client's close frame, the rest of a long read is ignored."""
+    device = adapter.device()
+    data = _burst("cut", 100) + frame(struct.pack("!H", 1000), CLOSE)
+    data += _burst("cut", 600, first_ts=100)
+    device.protocol.dataReceived(data)
+    adapter.clock.advance(0)
+    assert adapter.total("cut") == Total(100, 99)
+    assert close_code(device.transport.value()) == 1000
+
+
+@pytest.mark.parametrize(
+    ("username", "payload"),
+    [
+        ("é", '{"username": "é", "ts": 1, "newSteps": 1}'),
+        ("用户😀", '{"username": "用户😀", "ts": 1, "newSteps": 1}'),
+        ("a", '{"username": "a", "ts": 1, "newSteps": 1, "note": "\u00a0€"}'),
+    ],
+)
+def test_text_messages_in_utf8_beyond_ascii_apply(
+    adapter: Adapter, username: str, payload: str
+) -> None:
+    """Non-ASCII text, whole or cut across reads anywhere, applies."""
+    data = frame(payload.encode(), TEXT)
+    for cut in range(len(data) + 1):
+        device = adapter.device()
+        written = device.send(data[:cut]) + device.send(data[cut:])
+        assert close_code(written) is None
+    assert adapter.total(username) == Total(len(data) + 1, 1)
+
+
+_NOT_UTF8 = [
+    b"\xff",
+    # an encoded surrogate
+    b"\xed\xa0\x80",
+    # an overlong "/"
+    b"\xc0\xaf",
+    # past U+10FFFF
+    b"\xf4\x90\x80\x80",
+    # a sequence cut short
+    b"\xe2\x82",
+]
+
+
+@pytest.mark.parametrize("bad", _NOT_UTF8)
+@pytest.mark.parametrize(
+    "template",
+    [
+        b'{"username": "a%s", "ts": 1, "newSteps": 1}',
+        # in fields the decoder skips without reading them
+        b'{"username": "a", "ts": 1, "newSteps": 1, "x": "%s"}',
+        b'{"username": "a", "ts": 1, "newSteps": 1, "%s": [1]}',
+    ],
+)
+@pytest.mark.parametrize("subprotocol", [b"", V2])
+def test_text_message_not_in_utf8_anywhere_closes_with_1007(
+    adapter: Adapter, bad: bytes, template: bytes, subprotocol: bytes
+) -> None:
+    """Invalid UTF-8 anywhere in a text message closes with 1007, v1 or v2."""
+    device = adapter.device(subprotocol)
+    payload = template % bad
+    written = device.send(frame(payload, TEXT))
+    assert close_code(written) == 1007
+    assert replies(written) == []
+    assert adapter.total("a") is None
+    assert adapter.rejections.closed == {1007: 1}
+
+
+@pytest.mark.parametrize("bad", _NOT_UTF8)
+def test_binary_message_not_in_utf8_in_a_skipped_field_is_invalid(
+    adapter: Adapter, bad: bytes
+) -> None:
+    """In a binary message, invalid UTF-8 even where the decoder skips is not_json."""
+    device = adapter.device()
+    payload = b'{"username": "a", "ts": 1, "newSteps": 1, "x": "%s"}' % bad
+    assert device.send(frame(payload, BINARY)) == b""
+    assert adapter.rejections.totals == {Reason.NOT_JSON: 1}
+    assert adapter.total("a") is None
+    v2 = adapter.device(V2)
+    [reply] = replies(v2.send(frame(b"[" + payload + b"]", BINARY)))
+    assert reply["rejected"] == [
+        {"index": None, "update_id": None, "reason": "not_json"}
+    ]
+    assert device.protocol.state == v2.protocol.state == device.protocol.STATE_OPEN
+
+
+def test_fragment_not_in_utf8_closes_before_the_message_ends(adapter: Adapter) -> None:
+    """A fragmented text message is failed as soon as its invalid fragment arrives."""
+    device = adapter.device()
+    written = device.send(
+        frame(b'{"username": "', TEXT, fin=False),
+        frame(b"\xff", CONTINUATION, fin=False),
+    )
+    assert close_code(written) == 1007
+
+
+def test_frame_not_in_utf8_arriving_in_pieces_closes_at_once(
+    adapter: Adapter,
+) -> None:
+    """A text frame cut across reads is failed as soon as the invalid bytes arrive."""
+    device = adapter.device()
+    payload = b'{"username": "\xff' + b" " * 200 + b'", "ts": 1, "newSteps": 1}'
+    data = frame(payload, TEXT)
+    # 2 + 2 bytes of header, 4 of mask, then the payload up to the 0xff.
+    written = device.send(data[:30])
+    assert close_code(written) == 1007
+
+
+@settings(max_examples=300)
+@given(
+    junk=st.one_of(st.binary(max_size=12), st.text(max_size=6).map(str.encode)),
+    cut=st.integers(0, 80),
+    fragmented=st.booleans(),
+)
+def test_1007_is_exactly_autobahns_utf8_verdict(
+    junk: bytes, cut: int, fragmented: bool
+) -> None:
+    """Closed with 1007 exactly when Autobahn's own validator says not UTF-8."""
+    payload = b'{"username": "a", "ts": 1, "newSteps": 1, "x": "' + junk + b'"}'
+    validator = Utf8Validator()
+    valid, ended, _, _ = validator.validate(payload)
+    if fragmented:
+        middle = min(cut, len(payload))
+        data = frame(payload[:middle], TEXT, fin=False)
+        data += frame(payload[middle:], CONTINUATION)
+    else:
+        data = frame(payload, TEXT)
+    adapter = Adapter()
+    device = adapter.device()
+    written = device.send(data[:cut]) + device.send(data[cut:])
+    if valid and ended:
+        assert close_code(written) is None
+    else:
+        assert close_code(written) == 1007
