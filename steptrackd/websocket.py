@@ -255,13 +255,6 @@ class StepUpdateProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         footprint.forget_handshake(self)
 
-    def onPong(self, payload: bytes) -> None:
-        # A pong is most often the only frame an idle connection sends.
-        # Autobahn would keep the unmasker it made for it (about 250 bytes)
-        # until the next frame, though nothing reads it once its frame is
-        # over; the next frame gets a new one.
-        self.current_frame_masker = None
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             super().connectionLost(reason)
