@@ -1,5 +1,5 @@
 # steptrack: everyday commands. `make run` and `make test` work on a fresh
-# machine with Python 3.10+; each sets up .venv first when it is missing or
+# machine with Python 3.11+; each sets up .venv first when it is missing or
 # older than the packaging files.
 
 PYTHON ?= python3

@@ -295,7 +295,9 @@ def lock_database(path: str) -> IO[bytes] | None:
         return None
     _require_directory(path)
     try:
-        lock = open(path + ".lock", "ab")  # noqa: SIM115 - held until close
+        # Beside the real file: a second daemon reaching the same database
+        # through a symbolic link must find the same lock.
+        lock = open(os.path.realpath(path) + ".lock", "ab")  # noqa: SIM115
     except OSError as e:
         raise StoreUnusable(f"{path}: cannot create its lock file: {e}") from None
     try:
@@ -316,7 +318,7 @@ def _open_write_lock(path: str) -> IO[bytes]:
     is free (and waits with the GIL released).
     """
     try:
-        return open(path + ".write-lock", "ab")
+        return open(os.path.realpath(path) + ".write-lock", "ab")
     except OSError as e:
         raise StoreUnusable(f"{path}: cannot create its lock file: {e}") from None
 

@@ -40,6 +40,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -53,6 +54,8 @@ from .server import (
 )
 from .store import StoreUnusable
 from .worker import (
+    HEARTBEAT_FD,
+    HEARTBEAT_INTERVAL,
     LOCK_FD,
     LOG_FD,
     PARENT_FD,
@@ -65,7 +68,7 @@ from .worker import (
 _log = Logger()
 
 _RECORD_SEPARATOR: Final = b"\x1e"
-_ADOPTABLE_FAMILIES: Final = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+_ADOPTABLE_FAMILIES: Final = (socket.AF_INET, socket.AF_INET6)
 
 
 def usable_cores() -> int:
@@ -96,6 +99,8 @@ class _Worker(ProcessProtocol):
         self.index = index
         self.pid: int | None = None
         self.ready = False
+        self.last_beat = supervisor.reactor.seconds()
+        self.killed = False
         self.ended: Deferred[None] = Deferred()
         self._events = bytearray()
         self._errors = bytearray()
@@ -105,7 +110,9 @@ class _Worker(ProcessProtocol):
         self.pid = self.transport.pid
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == LOG_FD:
+        if childFD == HEARTBEAT_FD:
+            self.last_beat = self.supervisor.reactor.seconds()
+        elif childFD == LOG_FD:
             self._relay_events(data)
         else:
             self._relay_errors(data)
@@ -178,6 +185,12 @@ class Supervisor(Service):
     name = "supervisor"
     restart_delay = 1.0
     """Seconds before a worker that died is replaced."""
+    hang_timeout = 10.0
+    """
+    Seconds without a heartbeat after which a worker that served is killed
+    (and so replaced): stopped or stuck, it may hold the database's write
+    lock, and every other worker's writes would wait for it.
+    """
     stop_timeout = 4.5
     """
     Seconds the workers have to end after SIGTERM before they are killed:
@@ -222,6 +235,7 @@ class Supervisor(Service):
         self._announced = False
         self._stopping = False
         self._restarts: dict[int, IDelayedCall] = {}
+        self._watch: LoopingCall | None = None
         self.exit_status = 0
         """What the daemon's exit status should be: 1 if it could not start."""
 
@@ -238,7 +252,7 @@ class Supervisor(Service):
             if family not in _ADOPTABLE_FAMILIES or not hasattr(port, "fileno"):
                 message = (
                     f"steptrack: {listener.description} cannot be shared by "
-                    "workers (only TCP, UNIX and systemd sockets can); "
+                    "workers (only TCP sockets can); "
                     "run with --workers 1"
                 )
                 _log.critical(message)
@@ -270,6 +284,9 @@ class Supervisor(Service):
             raise CannotStart(message) from None
         super().startService()
         self.reactor.callWhenRunning(stop_on_sigterm, self.reactor)
+        self._watch = LoopingCall(self._kill_the_hung)
+        self._watch.clock = self.reactor
+        self._watch.start(HEARTBEAT_INTERVAL, now=False)
         for index in range(1, self.count + 1):
             self._spawn(index)
 
@@ -298,6 +315,7 @@ class Supervisor(Service):
                 WS_FD: cast(Any, ws_port).fileno(),
                 REST_FD: cast(Any, rest_port).fileno(),
                 LOCK_FD: self._lock.fileno(),
+                HEARTBEAT_FD: "r",
             },
         )
         self.workers[index] = worker
@@ -342,12 +360,29 @@ class Supervisor(Service):
             self.restart_delay, self._spawn, worker.index
         )
 
+    def _kill_the_hung(self) -> None:
+        now = self.reactor.seconds()
+        for worker in list(self.workers.values()):
+            silent = now - worker.last_beat
+            if worker.ready and not worker.killed and silent > self.hang_timeout:
+                worker.killed = True
+                _log.error(
+                    "Worker {index} (pid {pid}) has not answered for {silent:.0f} s: "
+                    "killing it",
+                    index=worker.index,
+                    pid=worker.pid,
+                    silent=silent,
+                )
+                worker.signal("KILL")
+
     # -- stopping --
 
     @inlineCallbacks
     def stopService(self) -> Any:
         Service.stopService(self)
         self._stopping = True
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         for restart in self._restarts.values():
             if restart.active():
                 restart.cancel()
@@ -374,7 +409,10 @@ class Supervisor(Service):
     def _ended(self, workers: Sequence[_Worker], timeout: float) -> Deferred[Any]:
         """Fires when every worker has ended, or after ``timeout`` seconds."""
         waiting = [w.ended for w in workers if not w.ended.called]
-        all_ended: Deferred[Any] = DeferredList([_chain(ended) for ended in waiting])
+        # consumeErrors: the timeout cancels the chained waits, on purpose.
+        all_ended: Deferred[Any] = DeferredList(
+            [_chain(ended) for ended in waiting], consumeErrors=True
+        )
         return all_ended.addTimeout(timeout, self.reactor).addErrback(
             lambda failure: None
         )

@@ -64,7 +64,11 @@ def _seconds(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-_SHAREABLE_ENDPOINTS = frozenset({"tcp", "tcp6", "unix", "systemd"})
+# Sockets a worker can share. Not unix: (each worker that stops listening
+# would remove the shared socket file) nor systemd: (which may be one).
+_SHAREABLE_ENDPOINTS = frozenset({"tcp", "tcp6"})
+MAX_WORKERS = 64
+"""More would only take turns on the cores, at about 20 MB each."""
 _DURATION_HELP = " Seconds, or a number with s, m, h or d."
 _CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "max-message-size": _positive_int,
@@ -116,7 +120,7 @@ class Options(usage.Options):
             "Worker processes serving both APIs over one SQLite store; auto "
             f"is one per usable CPU core ({usable_cores()} here). With one, "
             "the daemon is a single process. The memory store, and listen "
-            "endpoints other than tcp:, tcp6:, unix: and systemd:, need one.",
+            f"endpoints other than tcp: and tcp6:, need one. At most {MAX_WORKERS}.",
         ],
         [
             "max-message-size",
@@ -214,15 +218,17 @@ class Options(usage.Options):
             for option in ("ws-listen", "rest-listen")
         )
         if text == "auto":
-            return usable_cores() if shareable else 1
+            return min(usable_cores(), MAX_WORKERS) if shareable else 1
         try:
             workers = _positive_int(text)
         except ValueError as e:
             raise usage.UsageError(f"--workers: {e} or auto") from None
+        if workers > MAX_WORKERS:
+            raise usage.UsageError(f"--workers: at most {MAX_WORKERS}")
         if workers > 1 and not shareable:
             raise usage.UsageError(
                 "--workers: more than one worker needs the sqlite: store and "
-                "tcp:, tcp6:, unix: or systemd: listen endpoints"
+                "tcp: or tcp6: listen endpoints"
             )
         return workers
 

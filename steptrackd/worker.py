@@ -15,6 +15,7 @@ hand.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any, Final
 
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.process import ProcessReader
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.python.failure import Failure
 
@@ -46,6 +48,10 @@ REST_FD: Final = 4
 """The REST listening socket."""
 LOCK_FD: Final = 5
 """The database lock file, held by every process of the daemon."""
+HEARTBEAT_FD: Final = 6
+"""A pipe to the parent, written to every ``HEARTBEAT_INTERVAL`` seconds."""
+
+HEARTBEAT_INTERVAL: Final = 1.0
 
 READY_FIELD: Final = "steptrack_worker_ready"
 """Set in the log event a worker emits once it serves both APIs."""
@@ -92,6 +98,16 @@ class _Parent:
             self.watching = False
             _log.warn("The parent process is gone: shutting down")
             self._reactor.stop()
+
+
+def _beat() -> None:
+    """
+    Tell the parent this worker's reactor still turns: a worker that stops
+    beating (stopped, or stuck) while it may hold the database's write lock
+    would stall every worker's writes, so the parent replaces it.
+    """
+    with contextlib.suppress(BlockingIOError, BrokenPipeError):
+        os.write(HEARTBEAT_FD, b".")
 
 
 def run(settings: WorkerSettings, reactor: Any) -> int:
@@ -156,6 +172,9 @@ def run(settings: WorkerSettings, reactor: Any) -> int:
 
     parent = _Parent(reactor)
     ProcessReader(reactor, parent, "parent", PARENT_FD)
+    heartbeat = LoopingCall(_beat)
+    heartbeat.clock = reactor
+    reactor.callWhenRunning(heartbeat.start, HEARTBEAT_INTERVAL)
     reactor.callWhenRunning(stop_on_sigterm, reactor)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
@@ -169,6 +188,7 @@ def main(argv: list[str]) -> int:
         print("steptrackd.worker is started by twistd steptrack", file=sys.stderr)
         return 2
     settings = WorkerSettings.from_json(argv[1])
+    os.set_blocking(HEARTBEAT_FD, False)
     # ^C in a terminal reaches the whole process group: the parent alone
     # decides, and stops its workers in order. (Twisted installs its own
     # SIGINT handler only over the default one.)

@@ -26,6 +26,8 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITransport
 from twisted.internet.task import deferLater
 
+from steptrackd.supervisor import Supervisor
+
 from .clients import RawClient, RecordingClient, open_ws, raw_connect, wait_for_total
 from .test_e2e import (
     LOOPBACK,
@@ -40,6 +42,7 @@ from .test_e2e import (
 )
 
 WORKERS = ("--workers", "2")
+HANG_TIMEOUT = Supervisor.hang_timeout
 MAX_TRIES = 64
 """Connections a test opens at most to find one on every worker."""
 
@@ -202,9 +205,11 @@ async def wait_until_gone(pids: Iterable[int], timeout: float) -> None:
         await deferLater(reactor, 0.02, lambda: None)
 
 
-async def new_worker(daemon: Daemon, known: list[int]) -> int:
+async def new_worker(
+    daemon: Daemon, known: list[int], timeout: float = START_TIMEOUT
+) -> int:
     """The pid of the first worker that started serving and is not in ``known``."""
-    deadline = reactor.seconds() + START_TIMEOUT
+    deadline = reactor.seconds() + timeout
     while True:
         for match in re.finditer(r"Worker \d+ \(pid (\d+)\) serving", daemon.log):
             if int(match[1]) not in known:
@@ -377,3 +382,32 @@ async def test_one_worker_is_one_process(daemons: Daemons) -> None:
     server_pid = serving_pid(ports.ws, local_port(device.transport), [daemon.pid])
     assert server_pid == daemon.pid
     assert (await daemon.stop()) == Exit(code=0, signal=None), daemon.log
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_worker_is_killed_and_replaced(daemons: Daemons) -> None:
+    """A worker that stops answering (SIGSTOP) is killed, so others can write."""
+    daemon, ports = await daemons.start(*LOOPBACK, *WORKERS)
+    pids = worker_pids(daemon)
+    devices = await ws_per_worker(pids, ports)
+    stopped, survivor = pids
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        replacement = await new_worker(daemon, pids, timeout=HANG_TIMEOUT + 10)
+    finally:
+        if running(stopped):
+            os.kill(stopped, signal.SIGCONT)
+    assert re.search(rf"pid {stopped}\) has not answered for", daemon.log), daemon.log
+
+    devices[survivor].send_update(update("still-counting", "1", 6, 7))
+    await devices[survivor].barrier()
+    await wait_for_total(
+        reactor,
+        "127.0.0.1",
+        ports.rest,
+        "still-counting",
+        {"cumulativeSteps": 6, "ts": 7},
+    )
+    assert (await daemon.stop()) == Exit(code=0, signal=None), daemon.log
+    await wait_until_gone([survivor, replacement], STOP_TIMEOUT)
+    assert_no_traceback(daemon.log)
