@@ -205,6 +205,15 @@ async def wait_until_gone(pids: Iterable[int], timeout: float) -> None:
         await deferLater(reactor, 0.02, lambda: None)
 
 
+async def two_workers(
+    daemons: Daemons,
+) -> tuple[Daemon, Ports, list[int], dict[int, RecordingClient]]:
+    """A daemon with two workers, their pids, and a device on each."""
+    daemon, ports = await daemons.start(*LOOPBACK, *WORKERS)
+    pids = worker_pids(daemon)
+    return daemon, ports, pids, await ws_per_worker(pids, ports)
+
+
 async def new_worker(
     daemon: Daemon, known: list[int], timeout: float = START_TIMEOUT
 ) -> int:
@@ -271,9 +280,7 @@ async def test_an_update_sent_through_every_worker_counts_once(
 @pytest_twisted.ensureDeferred
 async def test_a_total_is_read_alike_through_every_worker(daemons: Daemons) -> None:
     """Updates sent to one worker are read through every worker's REST API."""
-    daemon, ports = await daemons.start(*LOOPBACK, *WORKERS)
-    pids = worker_pids(daemon)
-    devices = await ws_per_worker(pids, ports)
+    daemon, ports, pids, devices = await two_workers(daemons)
     readers = await rest_per_worker(pids, ports)
 
     for pid, device in devices.items():
@@ -295,9 +302,7 @@ async def test_sigterm_closes_every_workers_connections_and_exits_0(
     daemons: Daemons,
 ) -> None:
     """SIGTERM: each worker closes its devices with 1001; all exit, status 0."""
-    daemon, ports = await daemons.start(*LOOPBACK, *WORKERS)
-    pids = worker_pids(daemon)
-    devices = await ws_per_worker(pids, ports)
+    daemon, ports, pids, devices = await two_workers(daemons)
     readers = await rest_per_worker(pids, ports)
 
     exit = await daemon.stop()
@@ -314,9 +319,7 @@ async def test_sigterm_closes_every_workers_connections_and_exits_0(
 @pytest_twisted.ensureDeferred
 async def test_workers_end_when_the_parent_is_killed(daemons: Daemons) -> None:
     """After SIGKILL of the parent no worker lives on, and nothing is lost."""
-    daemon, ports = await daemons.start(*LOOPBACK, *WORKERS)
-    pids = worker_pids(daemon)
-    devices = await ws_per_worker(pids, ports)
+    daemon, ports, pids, devices = await two_workers(daemons)
     for pid, device in devices.items():
         device.send_update(update(f"kept-by-{pid}", "x", 3, 9))
         await device.barrier()
@@ -350,9 +353,7 @@ async def test_workers_end_when_the_parent_is_killed(daemons: Daemons) -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_worker_that_dies_is_replaced(daemons: Daemons) -> None:
     """A worker killed by a signal is logged and replaced; the daemon serves on."""
-    daemon, ports = await daemons.start(*LOOPBACK, *WORKERS)
-    pids = worker_pids(daemon)
-    devices = await ws_per_worker(pids, ports)
+    daemon, ports, pids, devices = await two_workers(daemons)
     victim, survivor = pids
     os.kill(victim, signal.SIGKILL)
 
@@ -387,9 +388,7 @@ async def test_one_worker_is_one_process(daemons: Daemons) -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_stopped_worker_is_killed_and_replaced(daemons: Daemons) -> None:
     """A worker that stops answering (SIGSTOP) is killed, so others can write."""
-    daemon, ports = await daemons.start(*LOOPBACK, *WORKERS)
-    pids = worker_pids(daemon)
-    devices = await ws_per_worker(pids, ports)
+    daemon, ports, pids, devices = await two_workers(daemons)
     stopped, survivor = pids
     os.kill(stopped, signal.SIGSTOP)
     try:
