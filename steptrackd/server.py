@@ -130,11 +130,16 @@ def log_started(ws_port: IListeningPort, rest_port: IListeningPort, how: str) ->
     _log.info("steptrack {version} started; {how}", version=__version__, how=how)
 
 
-def stop_on_sigterm(reactor: Any) -> None:
+def stop_on_sigterm(reactor: Any, *, sigint: bool = True) -> None:
     """
     Handle SIGTERM here rather than in Twisted: twistd re-raises the signal
     that stopped the reactor once it has shut down, so the process would end
     "killed by SIGTERM" instead of with status 0 after a clean stop.
+
+    With ``sigint``, SIGINT too, as Twisted does (the process then ends by
+    the signal, as shells expect), but so that a SIGINT that comes while
+    the daemon already stops changes nothing, where Twisted's own handler
+    would log a traceback for stopping a stopping reactor.
     """
 
     def stop(signum: int, frame: object) -> None:
@@ -146,7 +151,15 @@ def stop_on_sigterm(reactor: Any) -> None:
         with contextlib.suppress(ReactorNotRunning):
             reactor.stop()
 
+    def interrupt(signum: int, frame: object) -> None:
+        # What Twisted's own handler does: twistd re-raises this signal
+        # once the reactor has stopped.
+        reactor._exitSignal = signum
+        reactor.callFromThread(stop_once)
+
     signal.signal(signal.SIGTERM, stop)
+    if sigint:
+        signal.signal(signal.SIGINT, interrupt)
 
 
 class Listener(Service):

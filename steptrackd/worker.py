@@ -175,7 +175,8 @@ def run(settings: WorkerSettings, reactor: Any) -> int:
     heartbeat = LoopingCall(_beat)
     heartbeat.clock = reactor
     reactor.callWhenRunning(heartbeat.start, HEARTBEAT_INTERVAL)
-    reactor.callWhenRunning(stop_on_sigterm, reactor)
+    # SIGINT stays ignored: the parent alone answers ^C (see main).
+    reactor.callWhenRunning(stop_on_sigterm, reactor, sigint=False)
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()

@@ -3,10 +3,10 @@ The real daemon with several worker processes.
 
 Each test runs ``twistd -n steptrack --workers 2`` on a SQLite file and
 finds out, from ``/proc``, which worker process serves each of its
-connections, so that what it checks across workers really crosses them:
-the kernel, not the test, decides which worker accepts a connection, so a
-test opens connections until every worker has one. Linux only, as the
-daemon's supervisor is.
+connections, so that what it checks across workers really crosses them.
+The kernel decides which worker accepts a connection; to have one on each
+worker, a test stops the other workers for the moment it connects. Linux
+only, as the daemon's supervisor is.
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from .test_e2e import (
 
 WORKERS = ("--workers", "2")
 HANG_TIMEOUT = Supervisor.hang_timeout
-MAX_TRIES = 64
-"""Connections a test opens at most to find one on every worker."""
 
 Client = TypeVar("Client")
 
@@ -108,18 +106,25 @@ async def one_per_worker(
 ) -> dict[int, Client]:
     """
     Connect with ``connect`` (which returns the client and its local port,
-    once the server has answered it) until every worker in ``pids`` serves
-    one of the connections; the others stay open until the test ends.
+    once the server has answered it) once for each worker in ``pids``. The
+    kernel hands a new connection to whichever worker takes it first, and
+    an idle machine may favour one: so while each connection is made, every
+    other worker is stopped (SIGSTOP) for that moment, and the one left
+    running must be the one that serves it.
     """
     found: dict[int, Client] = {}
-    for _ in range(MAX_TRIES):
-        client, client_port = await connect()
-        pid = serving_pid(server_port, client_port, pids)
-        assert pid is not None, f"no worker among {pids} serves port {client_port}"
-        found.setdefault(pid, client)
-        if len(found) == len(pids):
-            return found
-    raise AssertionError(f"{MAX_TRIES} connections, all on workers {sorted(found)}")
+    for pid in pids:
+        others = [other for other in pids if other != pid]
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            client, client_port = await connect()
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+        assert serving_pid(server_port, client_port, pids) == pid, (pid, pids)
+        found[pid] = client
+    return found
 
 
 async def ws_per_worker(pids: list[int], ports: Ports) -> dict[int, RecordingClient]:
@@ -410,3 +415,17 @@ async def test_a_stopped_worker_is_killed_and_replaced(daemons: Daemons) -> None
     assert (await daemon.stop()) == Exit(code=0, signal=None), daemon.log
     await wait_until_gone([survivor, replacement], STOP_TIMEOUT)
     assert_no_traceback(daemon.log)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigint_while_stopping_is_quiet(daemons: Daemons) -> None:
+    """SIGTERM then SIGINT (Ctrl-C) at once: one clean stop, no traceback."""
+    daemon, _, pids, devices = await two_workers(daemons)
+    daemon.send_signal("TERM")
+    daemon.send_signal("INT")
+    exit = await daemon.exited(STOP_TIMEOUT)
+    assert exit in (Exit(0, None), Exit(None, signal.SIGINT)), daemon.log
+    assert [(await d.closed).code for d in devices.values()] == [1001] * len(pids)
+    await wait_until_gone(pids, STOP_TIMEOUT)
+    assert_no_traceback(daemon.log)
+    assert daemon.log.count("steptrack stopped") == 1, daemon.log
