@@ -232,6 +232,23 @@ async def new_worker(
         await deferLater(reactor, 0.02, lambda: None)
 
 
+async def counts_then_stops(
+    daemon: Daemon, ports: Ports, device: RecordingClient, workers: list[int]
+) -> None:
+    """
+    An update sent by ``device`` still becomes a total; then SIGTERM stops
+    the daemon with status 0 and none of ``workers`` outlives it.
+    """
+    username = f"counted-after-{local_port(device.transport)}"
+    device.send_update(update(username, "1", 6, 7))
+    await device.barrier()
+    await wait_for_total(
+        reactor, "127.0.0.1", ports.rest, username, {"cumulativeSteps": 6, "ts": 7}
+    )
+    assert (await daemon.stop()) == Exit(code=0, signal=None), daemon.log
+    await wait_until_gone(workers, STOP_TIMEOUT)
+
+
 def update(username: str, update_id: str, steps: int, ts: int) -> dict[str, object]:
     return {"update_id": update_id, "username": username, "ts": ts, "newSteps": steps}
 
@@ -368,13 +385,7 @@ async def test_a_worker_that_dies_is_replaced(daemons: Daemons) -> None:
 
     now = [survivor, replacement]
     fresh = await ws_per_worker(now, ports)
-    fresh[replacement].send_update(update("after", "1", 4, 5))
-    await fresh[replacement].barrier()
-    await wait_for_total(
-        reactor, "127.0.0.1", ports.rest, "after", {"cumulativeSteps": 4, "ts": 5}
-    )
-    assert (await daemon.stop()) == Exit(code=0, signal=None), daemon.log
-    await wait_until_gone(now, STOP_TIMEOUT)
+    await counts_then_stops(daemon, ports, fresh[replacement], now)
 
 
 @pytest_twisted.ensureDeferred
@@ -403,17 +414,7 @@ async def test_a_stopped_worker_is_killed_and_replaced(daemons: Daemons) -> None
             os.kill(stopped, signal.SIGCONT)
     assert re.search(rf"pid {stopped}\) has not answered for", daemon.log), daemon.log
 
-    devices[survivor].send_update(update("still-counting", "1", 6, 7))
-    await devices[survivor].barrier()
-    await wait_for_total(
-        reactor,
-        "127.0.0.1",
-        ports.rest,
-        "still-counting",
-        {"cumulativeSteps": 6, "ts": 7},
-    )
-    assert (await daemon.stop()) == Exit(code=0, signal=None), daemon.log
-    await wait_until_gone([survivor, replacement], STOP_TIMEOUT)
+    await counts_then_stops(daemon, ports, devices[survivor], [survivor, replacement])
     assert_no_traceback(daemon.log)
 
 
