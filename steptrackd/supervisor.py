@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import IO, Any, Final, cast
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -101,7 +101,8 @@ class _Worker(ProcessProtocol):
         self.ready = False
         self.last_beat = supervisor.reactor.seconds()
         self.killed = False
-        self.ended: Deferred[None] = Deferred()
+        self.has_ended = False
+        self._end_waiters: list[Deferred[None]] = []
         self._events = bytearray()
         self._errors = bytearray()
 
@@ -168,10 +169,22 @@ class _Worker(ProcessProtocol):
         if self._errors:
             self._relay_error_line(bytes(self._errors))
         self.supervisor.worker_ended(self, reason)
-        self.ended.callback(None)
+        self.has_ended = True
+        waiters, self._end_waiters = self._end_waiters, []
+        for waiter in waiters:
+            if not waiter.called:  # not if a timeout cancelled the wait
+                waiter.callback(None)
+
+    def when_ended(self) -> Deferred[None]:
+        """A new Deferred that fires once the process has ended."""
+        if self.has_ended:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._end_waiters.append(waiter)
+        return waiter
 
     def signal(self, name: str) -> None:
-        if self.transport is not None and not self.ended.called:
+        if self.transport is not None and not self.has_ended:
             with contextlib.suppress(ProcessExitedAlready):
                 self.transport.signalProcess(name)
 
@@ -392,7 +405,7 @@ class Supervisor(Service):
             worker.signal("TERM")
         yield self._ended(workers, self.stop_timeout)
         for worker in workers:
-            if not worker.ended.called:
+            if not worker.has_ended:
                 _log.error(
                     "Worker {index} (pid {pid}) did not stop in time: killed",
                     index=worker.index,
@@ -408,27 +421,13 @@ class Supervisor(Service):
 
     def _ended(self, workers: Sequence[_Worker], timeout: float) -> Deferred[Any]:
         """Fires when every worker has ended, or after ``timeout`` seconds."""
-        waiting = [w.ended for w in workers if not w.ended.called]
-        # consumeErrors: the timeout cancels the chained waits, on purpose.
+        # consumeErrors: the timeout cancels the waits, on purpose.
         all_ended: Deferred[Any] = DeferredList(
-            [_chain(ended) for ended in waiting], consumeErrors=True
+            [worker.when_ended() for worker in workers], consumeErrors=True
         )
         return all_ended.addTimeout(timeout, self.reactor).addErrback(
             lambda failure: None
         )
-
-
-def _chain(deferred: Deferred[None]) -> Deferred[None]:
-    """A new Deferred that fires when ``deferred`` does, leaving it alone."""
-    chained: Deferred[None] = Deferred()
-
-    def fire(result: object) -> object:
-        if not chained.called:
-            chained.callback(None)
-        return result
-
-    deferred.addBoth(fire)
-    return chained
 
 
 def exit_with_status_of(supervisor: Supervisor) -> None:
